@@ -1,0 +1,225 @@
+"""A small block-causal few-step denoiser with a KV cache: the shape of Self-Forcing/CausVid at toy size.
+
+Each block of latent frames is denoised in a few flow-matching steps while attending to the keys/values of
+earlier blocks; a last pass at t=0 writes the clean block's keys/values into the cache. The cache holds
+`cache_blocks` blocks in fixed buffers: it fills over the first blocks (phase = blocks cached so far) and
+then rolls (oldest block dropped in place), so there are exactly cache_blocks + 1 phases.
+
+Keys are cached before rotary position is applied; positions are applied at read time from each slot's
+place in the window, so rolling the cache keeps positions consistent.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from reactor_graph.node import Node, Port, register
+from reactor_graph.weights import load_into
+
+
+def flow_sigmas(steps: int, shift: float) -> list[float]:
+    """Few-step flow-matching noise levels, shifted towards noise as Wan/Self-Forcing do."""
+    s = [1.0 - i / steps for i in range(steps)]
+    return [shift * x / (1 + (shift - 1) * x) for x in s]
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding over the last dim. x: [B, H, N, d], pos: [N] (frame index, float)."""
+    d = x.shape[-1] // 2
+    freqs = 1.0 / (100.0 ** (torch.arange(d, device=x.device, dtype=torch.float32) / d))
+    ang = pos.float()[:, None] * freqs[None]  # [N, d]
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, text_dim: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.cross_q = nn.Linear(dim, dim)
+        self.cross_kv = nn.Linear(text_dim, 2 * dim)
+        self.cross_proj = nn.Linear(dim, dim)
+        self.norm3 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.modulation = nn.Linear(dim, 6 * dim)
+
+    def split(self, x):  # [B, N, D] -> [B, H, N, d]
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, -1).transpose(1, 2)
+
+    def forward(self, x, temb, text, pos, cache_k, cache_v, cache_pos):
+        """x: [B, N, D]; cache_k/v: [B, H, M, d] (pre-rope) or None; returns (x, k, v) with k pre-rope."""
+        sh1, sc1, g1, sh2, sc2, g2 = self.modulation(temb).unsqueeze(1).chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + sc1) + sh1
+        q, k, v = (self.split(t) for t in self.qkv(h).chunk(3, dim=-1))
+        q_r = rope(q, pos)
+        if cache_k is not None:
+            k_all = torch.cat([rope(cache_k, cache_pos), rope(k, pos)], dim=2)
+            v_all = torch.cat([cache_v, v], dim=2)
+        else:
+            k_all, v_all = rope(k, pos), v
+        a = F.scaled_dot_product_attention(q_r, k_all, v_all)
+        x = x + g1 * self.proj(a.transpose(1, 2).flatten(2))
+        tk, tv = self.cross_kv(text).chunk(2, dim=-1)
+        a = F.scaled_dot_product_attention(self.split(self.cross_q(self.norm2(x))), self.split(tk), self.split(tv))
+        x = x + self.cross_proj(a.transpose(1, 2).flatten(2))
+        h = self.norm3(x) * (1 + sc2) + sh2
+        return x + g2 * self.mlp(h), k, v
+
+
+class CausalDiT(nn.Module):
+    """Tokens are 2x2 (patch) latent patches of each frame; time is in rotary positions (frame index)."""
+
+    def __init__(self, channels: int, frames: int, size: tuple[int, int], patch: int, dim: int, layers: int,
+                 heads: int, text_dim: int):
+        super().__init__()
+        self.channels, self.frames, self.size, self.patch = channels, frames, size, patch
+        self.gh, self.gw = size[0] // patch, size[1] // patch
+        self.tokens_per_frame = self.gh * self.gw
+        self.embed = nn.Linear(channels * patch * patch, dim)
+        self.spatial = nn.Parameter(torch.randn(self.tokens_per_frame, dim) * 0.02)
+        self.t_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList(Block(dim, heads, text_dim) for _ in range(layers))
+        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False)
+        self.out = nn.Linear(dim, channels * patch * patch)
+        self.dim = dim
+
+    def patchify(self, x):  # [B, C, T, h, w] -> [B, T*gh*gw, C*p*p]
+        b, c, t, _, _ = x.shape
+        p = self.patch
+        x = x.view(b, c, t, self.gh, p, self.gw, p).permute(0, 2, 3, 5, 1, 4, 6)
+        return x.reshape(b, t * self.gh * self.gw, c * p * p)
+
+    def unpatchify(self, x):  # inverse of patchify
+        b, _, _ = x.shape
+        p, c = self.patch, self.channels
+        x = x.view(b, self.frames, self.gh, self.gw, c, p, p).permute(0, 4, 1, 2, 5, 3, 6)
+        return x.reshape(b, c, self.frames, self.gh * p, self.gw * p)
+
+    def time_embedding(self, sigma: torch.Tensor) -> torch.Tensor:  # sigma: [B] in [0, 1]
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device) / half)
+        ang = (sigma.float() * 1000.0)[:, None] * freqs[None]
+        return self.t_embed(torch.cat([ang.cos(), ang.sin()], dim=-1).to(self.out.weight.dtype))
+
+    def frame_positions(self, first_frame: int, device) -> torch.Tensor:
+        f = torch.arange(first_frame, first_frame + self.frames, device=device)
+        return f.repeat_interleave(self.tokens_per_frame)
+
+    def forward(self, x, sigma, text, first_frame: int, cache_k=None, cache_v=None, n_cached: int = 0):
+        """x: [B, C, T, h, w]; text: [B, L, Dt]; cache_k/v: [layers, B, H, M, d] with n_cached valid tokens.
+
+        Returns (flow prediction like x, per-layer k [layers, B, H, N, d], v)."""
+        h = self.embed(self.patchify(x)) + self.spatial.repeat(self.frames, 1)
+        temb = self.time_embedding(sigma)
+        pos = self.frame_positions(first_frame, x.device)
+        cache_pos = torch.arange(n_cached, device=x.device) // self.tokens_per_frame
+        ks, vs = [], []
+        for i, blk in enumerate(self.blocks):
+            ck = cache_k[i, :, :, :n_cached] if n_cached else None
+            cv = cache_v[i, :, :, :n_cached] if n_cached else None
+            h, k, v = blk(h, temb, text, pos, ck, cv, cache_pos)
+            ks.append(k)
+            vs.append(v)
+        out = self.out(self.norm_out(h))
+        return self.unpatchify(out), torch.stack(ks), torch.stack(vs)
+
+
+@register("causal_denoiser")
+class CausalDenoiser(Node):
+    description = "Small block-causal few-step flow-matching denoiser with a rolling KV cache."
+    every_block = True
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        latent_channels: int = Field(4, ge=1)
+        frames_per_block: int = Field(2, ge=1)
+        latent_size: tuple[int, int] = Field((16, 16), description="[h, w] of the latent frames")
+        patch: int = Field(2, ge=1)
+        dim: int = Field(128, ge=8)
+        layers: int = Field(4, ge=1)
+        heads: int = Field(4, ge=1)
+        text_dim: int = Field(64, ge=1)
+        steps: int = Field(4, ge=1, le=50, description="denoising steps per block")
+        shift: float = Field(3.0, gt=0, description="noise schedule shift")
+        cache_blocks: int = Field(3, ge=1, description="earlier blocks kept in the KV cache")
+        weights: str | None = None
+        weights_prefix: str = ""
+
+    def __init__(self, name, params, graph):
+        super().__init__(name, params, graph)
+        p = params
+        if p.dim % p.heads or (p.dim // p.heads) % 2:
+            raise ValueError(f"dim ({p.dim}) must split into {p.heads} heads of even width")
+        if p.latent_size[0] % p.patch or p.latent_size[1] % p.patch:
+            raise ValueError(f"latent_size {list(p.latent_size)} must be divisible by patch {p.patch}")
+
+    def ports(self):
+        p = self.params
+        lat = (p.latent_channels, p.frames_per_block, *p.latent_size)
+        return (
+            {"cond": Port("tensor", "float", ("L", p.text_dim), "text embeddings [L, D]"),
+             "noise": Port("tensor", "float", lat, "initial noise [C, T, h, w]")},
+            {"latents": Port("tensor", "float", lat, "denoised block [C, T, h, w]")},
+        )
+
+    def num_phases(self) -> int:
+        return self.params.cache_blocks + 1
+
+    def phase_for_block(self, block: int) -> int:
+        return min(block, self.params.cache_blocks)
+
+    def load(self, device, dtype):
+        super().load(device, dtype)
+        p = self.params
+        torch.manual_seed(self.graph.seed + 2)
+        self.model = CausalDiT(p.latent_channels, p.frames_per_block, p.latent_size, p.patch, p.dim, p.layers,
+                               p.heads, p.text_dim)
+        if p.weights:
+            load_into(self.model, p.weights, self.graph.root, p.weights_prefix)
+        self.model.to(device=device, dtype=dtype).eval()
+        tokens = p.cache_blocks * p.frames_per_block * self.model.tokens_per_frame
+        shape = (p.layers, 1, p.heads, tokens, p.dim // p.heads)  # [layers, B, H, M, d]
+        self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
+        self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+        self.sigmas = flow_sigmas(p.steps, p.shift) + [0.0]
+
+    def reset(self):
+        self.cache_k.zero_()
+        self.cache_v.zero_()
+
+    @torch.inference_mode()
+    def forward(self, cond, noise):
+        return {"latents": self.generate(cond, noise, self.phase)}
+
+    def generate(self, cond, noise, phase: int):
+        """Denoise one block in `phase` (blocks already cached) and write it into the cache."""
+        p = self.params
+        block_tokens = p.frames_per_block * self.model.tokens_per_frame
+        if phase == p.cache_blocks:  # full: drop the oldest block, in place, to make room
+            self.cache_k[:, :, :, :-block_tokens] = self.cache_k[:, :, :, block_tokens:].clone()
+            self.cache_v[:, :, :, :-block_tokens] = self.cache_v[:, :, :, block_tokens:].clone()
+            phase -= 1
+        n_cached = phase * block_tokens
+        first_frame = phase * p.frames_per_block
+        text = cond[None]
+        x = noise[None]  # [1, C, T, h, w]
+        for s, s_next in zip(self.sigmas[:-1], self.sigmas[1:]):
+            sigma = torch.full((1,), s, device=x.device)
+            flow, _, _ = self.model(x, sigma, text, first_frame, self.cache_k, self.cache_v, n_cached)
+            x = x + (s_next - s) * flow  # Euler step of the flow ODE; flow = noise - clean
+        # The clean pass: keys/values of the denoised block at t=0 become context for later blocks.
+        _, k, v = self.model(x, torch.zeros(1, device=x.device), text, first_frame, self.cache_k, self.cache_v,
+                             n_cached)
+        self.cache_k[:, :, :, n_cached:n_cached + block_tokens] = k
+        self.cache_v[:, :, :, n_cached:n_cached + block_tokens] = v
+        return x[0]

@@ -1,0 +1,41 @@
+"""Gaussian noise for each block, from a generator reseeded at every session start."""
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from reactor_graph.node import Node, Port, register
+
+
+@register("noise")
+class Noise(Node):
+    description = "Fresh Gaussian noise every block, [C, T, h, w]; reproducible per session from `seed`."
+    every_block = True
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        shape: tuple[int, int, int, int] = Field(description="[C, T, h, w] of the latent block")
+        seed: int = Field(0, description="added to the graph's seed")
+
+    inputs = {"seed": Port("int", description="per-session seed (optional)", optional=True)}
+
+    def ports(self):
+        return dict(self.inputs), {"noise": Port("tensor", "float", tuple(self.params.shape), "[C, T, h, w]")}
+
+    def load(self, device, dtype):
+        super().load(device, dtype)
+        self.generator = torch.Generator(device=device)
+        self.buffer = torch.empty(self.params.shape, device=device, dtype=torch.float32)
+        self._seed_used = None
+        self.reset()
+
+    def reset(self):
+        self._seed_used = None
+
+    def forward(self, seed: int | None = None):
+        seed = self.graph.seed + self.params.seed + (seed or 0)
+        if seed != self._seed_used:  # host-side: the seed is a slot value, not a tensor
+            self.generator.manual_seed(seed)
+            self._seed_used = seed
+        self.buffer.normal_(generator=self.generator)
+        return {"noise": self.buffer.to(self.dtype)}

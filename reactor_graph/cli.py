@@ -1,0 +1,199 @@
+"""The `reactor-graph` command. The only place where errors become messages and exit codes."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import CommandError, GraphError, ReactorGraphError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+                  help="A declarative pipeline-graph engine for real-time, interactive video models.")
+console = Console(stderr=True)
+out = Console()
+_state = {"verbose": False}
+
+
+def demo_path() -> Path:
+    from reactor_graph import graphs
+
+    return Path(graphs.__file__).parent / "demo.yaml"
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show tracebacks and debug logs")):
+    _state["verbose"] = verbose
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+
+
+@contextmanager
+def clear_errors():
+    """Domain errors become one paragraph and an exit code: 2 for bad input (graph, command), 1 otherwise."""
+    try:
+        yield
+    except (GraphError, CommandError) as exc:
+        _fail(exc, 2)
+    except ReactorGraphError as exc:
+        _fail(exc, 1)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        _fail(exc, 1)
+
+
+def _fail(exc: BaseException, code: int):
+    if _state["verbose"]:
+        traceback.print_exception(exc)
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _progress(status):
+    return lambda msg: status.update(f"[cyan]{msg}")
+
+
+def _open(graph: str, device, dtype, compile):
+    from .loop import Engine
+    from .plan import load_plan
+
+    plan = load_plan(graph)
+    with console.status("loading") as status:
+        engine = Engine(plan, device=device, dtype=dtype, compile=compile)
+        engine.load(progress=_progress(status))
+    return engine
+
+
+GRAPH_ARG = typer.Argument(None, help="graph YAML (default: the built-in demo)", show_default=False)
+
+
+@app.command()
+def validate(graphs: list[Path] = typer.Argument(..., help="graph files to check")):
+    """Check graph files without loading weights. Exit 2 if any is wrong.
+
+    Example: `reactor-graph validate graphs/demo.yaml graphs/self_forcing.yaml`
+    """
+    from .plan import load_plan
+
+    bad = 0
+    for g in graphs:
+        try:
+            plan = load_plan(g)
+            out.print(f"[green]ok[/] {g}: {len(plan.nodes)} nodes ({len(plan.on_change)} on change, "
+                      f"{len(plan.hot)} hot), {len(plan.commands)} commands")
+        except GraphError as exc:
+            bad += 1
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    if bad:
+        raise typer.Exit(2)
+
+
+@app.command()
+def show(graph: Optional[str] = GRAPH_ARG,
+         dot: Optional[Path] = typer.Option(None, help="write the graph as Graphviz DOT"),
+         png: Optional[Path] = typer.Option(None, help="draw the graph to a PNG (needs matplotlib)"),
+         as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")):
+    """Show the plan: slots, on-change nodes, the hot path, shapes, commands.
+
+    Example: `reactor-graph show graphs/demo.yaml --dot plan.dot`
+    """
+    from .plan import load_plan
+    from .show import draw_png, print_plan, to_dot
+
+    with clear_errors():
+        plan = load_plan(graph or demo_path())
+        if as_json:
+            out.print_json(json.dumps(plan.describe()))
+        else:
+            print_plan(plan, out)
+        if dot:
+            dot.write_text(to_dot(plan))
+            out.print(f"wrote {dot}")
+        if png:
+            draw_png(plan, png)
+            out.print(f"wrote {png}")
+
+
+@app.command()
+def nodes():
+    """List every node type with its ports and params.
+
+    Example: `reactor-graph nodes`
+    """
+    from .node import registry
+
+    for name, cls in sorted(registry().items()):
+        table = Table(title=f"[bold]{name}[/]  {cls.description}", title_justify="left", show_header=True)
+        table.add_column("kind")
+        table.add_column("name")
+        table.add_column("type / default")
+        table.add_column("description")
+        for pname, f in cls.Params.model_fields.items():
+            default = "required" if f.is_required() else repr(f.default)
+            typ = getattr(f.annotation, "__name__", str(f.annotation))
+            table.add_row("param", pname, escape(f"{typ} = {default}"),
+                          f.description or "")
+        for kind, ports in (("in", cls.inputs), ("out", cls.outputs)):
+            for pname, port in ports.items():
+                table.add_row(kind, pname, escape(port.describe()), port.description)
+        out.print(table)
+
+
+@app.command()
+def render(graph: Optional[str] = GRAPH_ARG,
+           output: Path = typer.Option(Path("out.mp4"), "-o", "--output", help="mp4 file to write"),
+           blocks: int = typer.Option(16, min=1, help="blocks to generate"),
+           commands: Optional[Path] = typer.Option(None, help="YAML list of {block|time, command, params}"),
+           device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+           compile: Optional[str] = typer.Option(None, help="eager | compile | cudagraph"),
+           dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16")):
+    """Render the stream to an mp4, applying timed commands from a script.
+
+    Example: `reactor-graph render graphs/demo.yaml -o demo.mp4 --blocks 32 --commands script.yaml`
+    """
+    from rich.progress import Progress
+
+    from .render import load_script
+    from .render import render as do_render
+
+    with clear_errors():
+        engine = _open(graph or str(demo_path()), device, dtype, compile)
+        script = load_script(commands, engine) if commands else None
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("rendering", total=blocks)
+            result, frames = do_render(engine, output, blocks, script,
+                                       on_progress=lambda n: progress.update(task, completed=n))
+        if result.error:
+            raise ReactorGraphError(f"the session ended early after {result.blocks} blocks: {result.error}")
+        h, w = engine.plan.info.height, engine.plan.info.width
+        out.print(f"wrote {output}: {frames} frames of {w}x{h} at {engine.plan.spec.spec.fps:g} fps")
+
+
+@app.command()
+def run(graph: Optional[str] = GRAPH_ARG,
+        host: str = typer.Option("127.0.0.1", help="address to bind (127.0.0.1 keeps it local)"),
+        port: int = typer.Option(8080, help="port to serve on"),
+        device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+        compile: Optional[str] = typer.Option(None, help="eager | compile | cudagraph"),
+        dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16"),
+        max_seconds: Optional[float] = typer.Option(None, help="stop serving after this long (for scripts)")):
+    """Serve a graph (or a Reactor manifest.json): a web page, the Reactor JS SDK local protocol, metrics.
+
+    Example: `reactor-graph run` (the built-in demo), then open the printed address.
+    """
+    with clear_errors():
+        from .server.app import serve
+
+        engine = _open(graph or str(demo_path()), device, dtype, compile)
+        serve(engine, host=host, port=port, max_seconds=max_seconds,
+              announce=lambda url: out.print(f"[bold green]serving[/] {engine.plan.name} at {url}"))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

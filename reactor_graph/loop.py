@@ -1,0 +1,276 @@
+"""Sessions: reset, the block loop, cooperative stop, the watchdog, error handling.
+
+One Engine per process holds the loaded nodes and serves sessions one after another. A session is:
+reset every node; then per block: apply pending commands, run on-change nodes whose inputs moved, run the
+hot path, hand the block on. A node that raises ends the session with its name in the reason, every node
+is reset, and the engine is ready for the next session.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import node as node_mod
+from .compile import HotPath, resolve_device, resolve_dtype
+from .emit import Block, HostCopier
+from .errors import NodeError, ReactorGraphError, SessionError
+from .plan import Plan, Source, outputs_mismatch
+from .slots import RESET, CommandQueue, Pending, SlotStore
+
+log = logging.getLogger("reactor_graph")
+
+
+@dataclass
+class SessionResult:
+    blocks: int = 0
+    reason: str = "stopped"  # stopped | finished | error | watchdog | sink
+    error: str | None = None  # human-readable, names the node where one failed
+    node: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Stats:
+    """Counters a server exposes as metrics."""
+
+    sessions: int = 0
+    blocks: int = 0
+    frames: int = 0
+    errors: int = 0
+    on_change_runs: dict[str, int] = field(default_factory=dict)
+    last_block_s: float = 0.0
+
+
+class Engine:
+    def __init__(self, plan: Plan, device: str | None = None, dtype: str | None = None, compile: str | None = None):
+        spec = plan.spec.spec
+        self.plan = plan
+        self.device = resolve_device(device or spec.device)
+        self.dtype = resolve_dtype(dtype if dtype is not None else spec.dtype, self.device)
+        self.mode = compile or ("eager" if self.device.type == "cpu" else spec.compile)
+        self.nodes = dict(plan.nodes)  # the active node per name (alternatives swap in here)
+        self.commands = CommandQueue(plan.commands)
+        self.slots = SlotStore(plan.slots)
+        self.stats = Stats()
+        self.hot = HotPath(plan, self.nodes)
+        self.copier: HostCopier | None = None
+        self.loaded = False
+        self.stop_timeout = 5.0
+        self.load_times: dict[str, float] = {}
+        self._session_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seen: dict[str, dict[Source, int]] = {}  # on-change node -> versions of its inputs last run
+        self._versions: dict[Source, int] = {}
+        self._values: dict[Source, Any] = {}
+        self.executor: Callable = self.hot
+
+    # -- start-up -------------------------------------------------------------------------------
+    def load(self, progress: Callable[[str], None] | None = None) -> Engine:
+        """Load every node (and declared alternative) once, then build the hot-path executor."""
+        say = progress or (lambda msg: None)
+        for name, node in [*self.plan.nodes.items(), *self.plan.alternatives.items()]:
+            say(f"loading {name} ({node.type_name})")
+            t0 = time.perf_counter()
+            try:
+                node.load(self.device, self.dtype)
+            except Exception as exc:
+                raise NodeError(name, node.type_name, "load", exc) from exc
+            self.load_times[name] = time.perf_counter() - t0
+        self.copier = HostCopier(self.device)
+        from .compile import make_executor
+
+        say(f"preparing the hot path ({self.mode})")
+        self.executor = make_executor(self, progress=say)
+        self.loaded = True
+        return self
+
+    # -- commands (any thread) --------------------------------------------------------------------
+    def submit(self, name: str, params: dict | None = None, reply=None) -> Pending:
+        """Validate now (raises CommandError, nothing changed) and apply at the next block boundary."""
+        return self.commands.submit(name, params, reply)
+
+    # -- sessions -------------------------------------------------------------------------------------
+    def _reset_nodes(self) -> None:
+        for name, node in self.nodes.items():
+            try:
+                node.reset()
+            except Exception:  # a reset that fails must not stop the others from resetting
+                log.exception("reset of node %s failed", name)
+        self._seen.clear()
+
+    def _apply(self, pending: list[Pending]) -> bool:
+        """Apply queued commands at a block boundary. Returns True if the sequence restarts."""
+        restart = False
+        for p in pending:
+            result: dict[str, Any] = {"ok": True}
+            try:
+                if p.command is None:  # built-in reset
+                    self.slots.restore_defaults()
+                    restart = True
+                else:
+                    for slot, value in p.command.writes(p.params).items():
+                        self.slots.write(slot, value)
+                    for target, alt in p.command.spec.swap.items():
+                        self.swap(target, alt)
+            except ReactorGraphError as exc:
+                result = {"ok": False, "error": str(exc)}
+            if p.reply:
+                p.reply(result)
+        return restart
+
+    def swap(self, target: str, alternative: str) -> None:
+        """Replace node `target` by a loaded alternative, keeping the static outputs it wrote."""
+        new = self.plan.alternatives[alternative]
+        why = outputs_mismatch(self.nodes[target], new)
+        if why:
+            raise SessionError(f"cannot swap '{target}' for '{alternative}': {why}")
+        self.nodes[target] = new
+        self.plan.bindings[target] = self.plan.alt_bindings[alternative]
+        self._seen.pop(target, None)
+
+    def _source_value(self, src: Source) -> tuple[Any, int]:
+        if src.node is None:
+            return self.slots.values[src.name], self.slots.versions[src.name]
+        return self._values[src], self._versions.get(src, 0)
+
+    def _run_on_change(self) -> None:
+        for name in self.plan.on_change:
+            binds = self.plan.bindings[name]
+            versions = {src: self._source_value(src)[1] for src in binds.values()}
+            if self._seen.get(name) == versions:
+                continue
+            node = self.nodes[name]
+            inputs = {port: self._source_value(src)[0] for port, src in binds.items()}
+            self.hot.current = name
+            try:
+                outs = node.forward(**inputs)
+            except Exception as exc:
+                raise NodeError(name, node.type_name, "forward", exc) from exc
+            finally:
+                self.hot.current = None
+            for port, value in outs.items():
+                src = Source(name, port)
+                self._values[src] = value
+                self._versions[src] = self._versions.get(src, 0) + 1
+            self._seen[name] = versions
+            self.stats.on_change_runs[name] = self.stats.on_change_runs.get(name, 0) + 1
+
+    def _external(self) -> dict[Source, Any]:
+        return {src: self._source_value(src)[0] for src in self.hot.external_sources()}
+
+    def _wrap_length(self) -> int | None:
+        lengths = [n.max_blocks() for n in self.nodes.values() if n.max_blocks()]
+        if self.plan.spec.spec.wrap_blocks:
+            lengths.append(self.plan.spec.spec.wrap_blocks)
+        return min(lengths) if lengths else None
+
+    def phases(self, block: int) -> dict[str, int]:
+        return {n: self.nodes[n].phase_for_block(block) for n in self.plan.hot}
+
+    def run_block(self, block: int) -> dict[str, Any]:
+        """One block: on-change nodes whose inputs moved, then the hot path. Returns the output's values."""
+        self._run_on_change()
+        return self.executor(self._external(), self.phases(block))
+
+    def run_session(self, on_block: Callable[[Block], None], max_blocks: int | None = None,
+                    stop: threading.Event | None = None,
+                    before_block: Callable[[int], None] | None = None) -> SessionResult:
+        """Run one session in this thread until stopped, `max_blocks`, or an error. Never raises for a node."""
+        if not self.loaded:
+            raise SessionError("the engine is not loaded; call load() first")
+        if not self._session_lock.acquire(blocking=False):
+            raise SessionError("a session is already running on this engine")
+        stop = stop or self._stop
+        stop.clear()
+        node_mod._session.stop_event = stop
+        result = SessionResult()
+        self.stats.sessions += 1
+        try:
+            self.slots.restore_defaults()
+            self._reset_nodes()
+            wrap = self._wrap_length()
+            seq = 0
+            while not stop.is_set() and (max_blocks is None or result.blocks < max_blocks):
+                if before_block:
+                    before_block(result.blocks)
+                if self._apply(self.commands.drain()):
+                    self._reset_nodes()
+                    seq = 0
+                t0 = time.perf_counter()
+                out = self.run_block(seq)
+                block = self.copier.emit(result.blocks, out, self.plan.nodes[self.plan.output].params, t0)
+                self.stats.last_block_s = time.perf_counter() - t0
+                self.stats.blocks += 1
+                self.stats.frames += block.frames
+                result.blocks += 1
+                seq += 1
+                if wrap is not None and seq >= wrap:  # a finite sequence restarts from its beginning
+                    self._reset_nodes()
+                    seq = 0
+                try:
+                    on_block(block)
+                except Exception as exc:  # the consumer went away: end the session, keep the engine
+                    result.reason, result.error = "sink", f"the stream's consumer failed: {exc}"
+                    break
+            else:
+                result.reason = "stopped" if stop.is_set() else "finished"
+        except NodeError as exc:
+            self.stats.errors += 1
+            result.reason, result.error, result.node = "error", str(exc), exc.node
+            log.error("session ended: %s", exc)
+        finally:
+            self._reset_nodes()
+            self.commands.drain()  # commands for an ended session must not leak into the next
+            node_mod._session.stop_event = None
+            self._session_lock.release()
+        return result
+
+    # -- background sessions, stop and watchdog ----------------------------------------------------------
+    def start_session(self, on_block: Callable[[Block], None], on_end: Callable[[SessionResult], None] | None = None,
+                      max_blocks: int | None = None) -> threading.Thread:
+        if self._thread is not None and self._thread.is_alive():
+            raise SessionError("a session is still running (or a node has not stopped yet)")
+        self._stop.clear()
+
+        def body():
+            res = self.run_session(on_block, max_blocks=max_blocks, stop=self._stop)
+            if on_end:
+                on_end(res)
+
+        self._thread = threading.Thread(target=body, name="reactor-graph-session", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def stop(self, timeout: float | None = None) -> SessionResult | None:
+        """Ask the running session to stop and wait for it. If it does not end in time, the watchdog
+        gives up on it and names the node that is stuck; the engine refuses new sessions until it ends."""
+        self._stop.set()
+        t = self._thread
+        if t is None:
+            return None
+        t.join(self.stop_timeout if timeout is None else timeout)
+        if t.is_alive():
+            stuck = self.hot.current or "(between nodes)"
+            raise SessionError(f"watchdog: the session did not stop within "
+                               f"{self.stop_timeout if timeout is None else timeout:.1f}s; node '{stuck}' is "
+                               f"still running and ignores should_stop()")
+        self._thread = None
+        return None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+
+def open_engine(path: str, device: str | None = None, dtype: str | None = None, compile: str | None = None,
+                progress: Callable[[str], None] | None = None) -> Engine:
+    from .plan import load_plan
+
+    return Engine(load_plan(path), device=device, dtype=dtype, compile=compile).load(progress)

@@ -1,0 +1,50 @@
+"""The CLI: clear errors with exit codes, no tracebacks; show/validate/nodes/render."""
+import av
+from typer.testing import CliRunner
+
+from reactor_graph.cli import app
+
+runner = CliRunner()
+
+
+def test_validate_bad_file_exits_2_without_traceback(write_graph, tiny_yaml):
+    bad = write_graph(tiny_yaml.replace("type: noise", "type: nosie"), "bad.yaml")
+    res = runner.invoke(app, ["validate", str(bad)])
+    assert res.exit_code == 2
+    text = res.output
+    assert "bad.yaml:21: nodes.noise.type: unknown node type 'nosie'" in text.replace("\n", "")
+    assert "Traceback" not in text
+
+
+def test_validate_good_file(write_graph, tiny_yaml):
+    res = runner.invoke(app, ["validate", str(write_graph(tiny_yaml))])
+    assert res.exit_code == 0 and "ok" in res.output and "1 on change" in res.output
+
+
+def test_show_prints_partition_and_dot(write_graph, tiny_yaml, tmp_path):
+    dot = tmp_path / "g.dot"
+    res = runner.invoke(app, ["show", str(write_graph(tiny_yaml)), "--dot", str(dot)])
+    assert res.exit_code == 0, res.output
+    assert "on change" in res.output and "hot path" in res.output and "tensor[float](8 16)" in res.output
+    assert '"cond" -> "denoise"' in dot.read_text()
+
+
+def test_nodes_lists_types_ports_and_params():
+    res = runner.invoke(app, ["nodes"])
+    assert res.exit_code == 0
+    for name in ("text_encoder", "noise", "causal_denoiser", "latent_decoder", "emit", "cache_blocks"):
+        assert name in res.output
+
+
+def test_render_cli(write_graph, tiny_yaml, tmp_path):
+    out = tmp_path / "x.mp4"
+    res = runner.invoke(app, ["render", str(write_graph(tiny_yaml)), "-o", str(out), "--blocks", "3"])
+    assert res.exit_code == 0, res.output
+    assert "6 frames of 32x32" in res.output
+    with av.open(str(out)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 6
+
+
+def test_render_missing_graph_is_clear(tmp_path):
+    res = runner.invoke(app, ["render", str(tmp_path / "nope.yaml")])
+    assert res.exit_code == 2 and "file not found" in res.output and "Traceback" not in res.output

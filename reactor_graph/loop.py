@@ -71,6 +71,32 @@ class Engine:
         self._values: dict[Source, Any] = {}
         self.executor: Callable = self.hot
 
+    # -- what a server shows (reactor_graph.host.StreamHost) ----------------------------------------
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def version(self) -> str:
+        return self.plan.spec.spec.version
+
+    @property
+    def fps(self) -> float:
+        return self.plan.spec.spec.fps
+
+    @property
+    def height(self) -> int:
+        return self.plan.info.height
+
+    @property
+    def width(self) -> int:
+        return self.plan.info.width
+
+    def command_schemas(self) -> list[dict]:
+        reset = {"name": RESET, "description": "Restart the sequence with default slots",
+                 "schema": {"type": "object", "properties": {}}}
+        return [c.schema() for c in self.plan.commands.values()] + [reset]
+
     # -- start-up -------------------------------------------------------------------------------
     def load(self, progress: Callable[[str], None] | None = None) -> Engine:
         """Load every node (and declared alternative) once, then build the hot-path executor."""

@@ -197,7 +197,6 @@ class CausalDenoiser(Node):
         self.cache_k.zero_()
         self.cache_v.zero_()
 
-    @torch.inference_mode()
     def forward(self, cond, noise):
         return {"latents": self.generate(cond, noise, self.phase)}
 

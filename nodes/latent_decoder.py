@@ -64,6 +64,5 @@ class LatentDecoder(Node):
             load_into(self.model, p.weights, self.graph.root, p.weights_prefix)
         self.model.to(device=device, dtype=dtype).eval()
 
-    @torch.inference_mode()
     def forward(self, latents):
         return {"frames": self.model(latents.transpose(0, 1))}  # [C, T, h, w] -> frames as batch

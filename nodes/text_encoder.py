@@ -76,7 +76,6 @@ class TextEncoder(Node):
             load_into(self.model, p.weights, self.graph.root, p.weights_prefix)
         self.model.to(device=device, dtype=dtype).eval()
 
-    @torch.inference_mode()
     def forward(self, text: str):
         ids = self.tokenizer(text).to(self.device)[None]
         return {"embeds": self.model(ids)[0]}  # [L, D]

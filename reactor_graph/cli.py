@@ -176,6 +176,58 @@ def render(graph: Optional[str] = GRAPH_ARG,
 
 
 @app.command()
+def bench(graph: Optional[str] = GRAPH_ARG,
+          blocks: int = typer.Option(50, min=1, help="measured blocks per mode"),
+          warmup: int = typer.Option(5, min=0, help="blocks run before measuring"),
+          compile: str = typer.Option("eager,compile,cudagraph", help="modes to compare, comma-separated"),
+          device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+          dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16"),
+          json_out: Optional[Path] = typer.Option(None, "--json", help="write the report (schema in bench.py)"),
+          plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG: per-node bars, block times")):
+    """Time every node and the whole block, per compile mode, side by side.
+
+    Example: `reactor-graph bench graphs/demo.yaml --compile eager,cudagraph --json b.json --plot b.png`
+    """
+    from .bench import plot as draw
+    from .bench import run_bench
+    from .compile import MODES
+
+    with clear_errors():
+        modes = [m.strip() for m in compile.split(",") if m.strip()]
+        bad = [m for m in modes if m not in MODES]
+        if bad:
+            raise CommandError("bench", f"unknown compile mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}",
+                               "compile")
+        engine = _open(graph or str(demo_path()), device, dtype, "eager")
+        with console.status("benchmarking") as status:
+            report = run_bench(engine, modes, blocks, warmup, progress=_progress(status))
+        table = Table(title=f"{report['graph']} on {report['device_name']} ({report['dtype']})", title_justify="left")
+        for col in ("mode", "block p50", "p95", "p99", "hot path", "overhead", "frames/s", "first frame",
+                    "compile+capture", "peak MB"):
+            table.add_column(col, justify="right")
+        for m, r in report["modes"].items():
+            b = r["block_ms"]
+            peak = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
+            table.add_row(m if r["mode"] == m else f"{m} (ran {r['mode']})", f"{b['p50']:.2f} ms", f"{b['p95']:.2f}",
+                          f"{b['p99']:.2f}", f"{r['hot_path_ms']['p50']:.2f}", f"{r['overhead_ms']:.2f}",
+                          f"{r['fps']:.1f}", f"{r['ttff_s'] * 1000:.0f} ms",
+                          f"{r['compile_s'] + r['capture_s']:.1f} s", peak)
+        out.print(table)
+        for m, r in report["modes"].items():
+            out.print(f"[bold]{m}[/] per node (p50 ms): " + ", ".join(f"{n} {v:.2f}" for n, v in r["nodes_ms"].items()))
+            if r["note"]:
+                out.print(f"  note: {r['note']}")
+        if report["ratios"]:
+            out.print("ratios (block p50): " + ", ".join(f"{k} {v:.2f}x" for k, v in report["ratios"].items()))
+        if json_out:
+            json_out.write_text(json.dumps(report, indent=2))
+            out.print(f"wrote {json_out}")
+        if plot:
+            draw(report, plot)
+            out.print(f"wrote {plot}")
+
+
+@app.command()
 def run(graph: Optional[str] = GRAPH_ARG,
         host: str = typer.Option("127.0.0.1", help="address to bind (127.0.0.1 keeps it local)"),
         port: int = typer.Option(8080, help="port to serve on"),

@@ -44,23 +44,32 @@ class Block:
 
 
 class HostCopier:
-    """Copies output blocks into a small ring of pinned host buffers on a side stream (CUDA), or clones (CPU)."""
+    """Hands output blocks to the host without stalling the loop.
 
-    RING = 4  # blocks in flight before a buffer is reused; consumers copy out or encode well before that
+    CUDA: the block is first copied device-to-device into a ring slot (microseconds; frees the captured
+    graph's static output for the next replay), then a side stream copies that slot into a pinned host
+    buffer; `Block.video()` waits on that copy alone. CPU: a clone.
+    """
+
+    RING = 4  # blocks in flight before a slot is reused; consumers copy out or encode well before that
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self._ring: list[torch.Tensor] = []
+        self._dev: list[torch.Tensor] = []
+        self._host: list[torch.Tensor] = []
+        self._done: list[Any] = []
         self._next = 0
 
-    def _buffer(self, like: torch.Tensor) -> torch.Tensor:
-        if not self._ring or self._ring[0].shape != like.shape:
-            self._ring = [torch.empty(like.shape, dtype=like.dtype, pin_memory=True) for _ in range(self.RING)]
-        buf = self._ring[self._next % self.RING]
+    def _slot(self, like: torch.Tensor) -> int:
+        if not self._dev or self._dev[0].shape != like.shape or self._dev[0].dtype != like.dtype:
+            self._dev = [torch.empty_like(like) for _ in range(self.RING)]
+            self._host = [torch.empty(like.shape, dtype=like.dtype, pin_memory=True) for _ in range(self.RING)]
+            self._done = [None] * self.RING
+        i = self._next % self.RING
         self._next += 1
-        return buf
+        return i
 
     def emit(self, index: int, outputs: dict[str, Any], params, started: float) -> Block:
         video = outputs["video"]
@@ -68,14 +77,18 @@ class HostCopier:
         t, h = video.shape[0], video.shape[1] if fmt == "rgb24" else video.shape[1] * 2 // 3
         block = Block(index, fmt, t, h, video.shape[2], started)
         if self.cuda:
-            host = self._buffer(video)
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            i = self._slot(video)
+            main = torch.cuda.current_stream(self.device)
+            if self._done[i] is not None:
+                main.wait_event(self._done[i])  # the host copy from this slot, RING blocks ago
+            self._dev[i].copy_(video, non_blocking=True)
+            self.stream.wait_stream(main)
             with torch.cuda.stream(self.stream):
-                host.copy_(video, non_blocking=True)
-                video.record_stream(self.stream)
+                self._host[i].copy_(self._dev[i], non_blocking=True)
                 evt = torch.cuda.Event()
                 evt.record(self.stream)
-            block._host, block._event = host, evt
+            self._done[i] = evt
+            block._host, block._event = self._host[i], evt
         else:
             block._host = video.detach().clone()
         block.ready = time.perf_counter()

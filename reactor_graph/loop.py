@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import node as node_mod
+import torch
+
 from .compile import HotPath, resolve_device, resolve_dtype
 from .emit import Block, HostCopier
 from .errors import NodeError, ReactorGraphError, SessionError
@@ -48,12 +50,17 @@ class Stats:
 
 
 class Engine:
-    def __init__(self, plan: Plan, device: str | None = None, dtype: str | None = None, compile: str | None = None):
+    def __init__(self, plan: Plan, device: str | None = None, dtype: str | None = None, compile: str | None = None,
+                 compile_backend: str = "inductor"):
         spec = plan.spec.spec
         self.plan = plan
         self.device = resolve_device(device or spec.device)
         self.dtype = resolve_dtype(dtype if dtype is not None else spec.dtype, self.device)
+        # The CPU runs eager unless a mode is asked for explicitly (compiling on a small CPU costs more
+        # than it saves); on a GPU the graph's own mode applies.
         self.mode = compile or ("eager" if self.device.type == "cpu" else spec.compile)
+        self.mode_note = ""
+        self.compile_backend = compile_backend  # tests use "aot_eager": same guards and graphs, no C++ build
         self.nodes = dict(plan.nodes)  # the active node per name (alternatives swap in here)
         self.commands = CommandQueue(plan.commands)
         self.slots = SlotStore(plan.slots)
@@ -123,7 +130,7 @@ class Engine:
         return self.commands.submit(name, params, reply)
 
     # -- sessions -------------------------------------------------------------------------------------
-    def _reset_nodes(self) -> None:
+    def reset_nodes(self) -> None:
         for name, node in self.nodes.items():
             try:
                 node.reset()
@@ -166,7 +173,7 @@ class Engine:
             return self.slots.values[src.name], self.slots.versions[src.name]
         return self._values[src], self._versions.get(src, 0)
 
-    def _run_on_change(self) -> None:
+    def run_on_change(self) -> None:
         for name in self.plan.on_change:
             binds = self.plan.bindings[name]
             versions = {src: self._source_value(src)[1] for src in binds.values()}
@@ -188,7 +195,7 @@ class Engine:
             self._seen[name] = versions
             self.stats.on_change_runs[name] = self.stats.on_change_runs.get(name, 0) + 1
 
-    def _external(self) -> dict[Source, Any]:
+    def external(self) -> dict[Source, Any]:
         return {src: self._source_value(src)[0] for src in self.hot.external_sources()}
 
     def _wrap_length(self) -> int | None:
@@ -202,8 +209,9 @@ class Engine:
 
     def run_block(self, block: int) -> dict[str, Any]:
         """One block: on-change nodes whose inputs moved, then the hot path. Returns the output's values."""
-        self._run_on_change()
-        return self.executor(self._external(), self.phases(block))
+        with torch.inference_mode():
+            self.run_on_change()
+            return self.executor(self.external(), self.phases(block))
 
     def run_session(self, on_block: Callable[[Block], None], max_blocks: int | None = None,
                     stop: threading.Event | None = None,
@@ -220,14 +228,14 @@ class Engine:
         self.stats.sessions += 1
         try:
             self.slots.restore_defaults()
-            self._reset_nodes()
+            self.reset_nodes()
             wrap = self._wrap_length()
             seq = 0
             while not stop.is_set() and (max_blocks is None or result.blocks < max_blocks):
                 if before_block:
                     before_block(result.blocks)
                 if self._apply(self.commands.drain()):
-                    self._reset_nodes()
+                    self.reset_nodes()
                     seq = 0
                 t0 = time.perf_counter()
                 out = self.run_block(seq)
@@ -238,7 +246,7 @@ class Engine:
                 result.blocks += 1
                 seq += 1
                 if wrap is not None and seq >= wrap:  # a finite sequence restarts from its beginning
-                    self._reset_nodes()
+                    self.reset_nodes()
                     seq = 0
                 try:
                     on_block(block)
@@ -252,7 +260,7 @@ class Engine:
             result.reason, result.error, result.node = "error", str(exc), exc.node
             log.error("session ended: %s", exc)
         finally:
-            self._reset_nodes()
+            self.reset_nodes()
             self.commands.drain()  # commands for an ended session must not leak into the next
             node_mod._session.stop_event = None
             self._session_lock.release()

@@ -1,0 +1,190 @@
+"""`reactor-graph bench`: where every millisecond of a block goes, per node, per compile mode, in one run.
+
+JSON schema (version 1), stable:
+
+    {"schema": 1, "graph": str, "device": str, "torch": str, "dtype": str, "blocks": int, "warmup": int,
+     "frames_per_block": int,
+     "modes": {MODE: {
+         "mode": str,                 # the mode actually run (cudagraph falls back to eager off-GPU)
+         "note": str,                 # why it differs from the one asked for, if it does
+         "load_s": float, "compile_s": float, "capture_s": float,
+         "ttff_s": float,             # session start -> first block on the host
+         "block_ms": {"p50", "p95", "p99", "mean", "min", "max"},
+         "hot_path_ms": {"p50", ...}, # device time of the hot path (CUDA events; host timer on CPU)
+         "overhead_ms": float,        # block p50 - hot path p50: what the engine adds
+         "fps": float,                # frames per second, sustained over the measured blocks
+         "nodes_ms": {NODE: float},   # per-node p50 (eager: each node; compiled: prologue + "hot path")
+         "peak_memory_mb": float|null,
+         "recompiles": int, "graphs": int}},
+     "ratios": {"A/B": float}}        # block p50 of A over block p50 of B, for every pair of modes run
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from .compile import CompiledHotPath, make_executor
+from .loop import Engine
+
+SCHEMA = 1
+
+
+def _pcts(xs: list[float]) -> dict[str, float]:
+    s = sorted(xs)
+
+    def pct(p):
+        return s[min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))]
+
+    return {"p50": pct(50), "p95": pct(95), "p99": pct(99), "mean": statistics.fmean(s), "min": s[0], "max": s[-1]}
+
+
+class _Timer:
+    """Times a callable with CUDA events (device time) or perf_counter on the CPU."""
+
+    def __init__(self, fn: Callable, cuda: bool, sink: list):
+        self.fn, self.cuda, self.sink = fn, cuda, sink
+
+    def __call__(self, *a, **kw):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = self.fn(*a, **kw)
+            end.record()
+            self.sink.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            out = self.fn(*a, **kw)
+            self.sink.append(time.perf_counter() - t0)
+        return out
+
+    def millis(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [s.elapsed_time(e) for s, e in self.sink]
+        return [x * 1000 for x in self.sink]
+
+
+def bench_mode(engine: Engine, mode: str, blocks: int, warmup: int, progress=None) -> dict[str, Any]:
+    say = progress or (lambda m: None)
+    cuda = engine.device.type == "cuda"
+    engine.mode, engine.mode_note = mode, ""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    engine.executor = make_executor(engine, progress=say)
+    prep_s = time.perf_counter() - t0
+    ex = engine.executor
+    # Per-node timers: every hot node in eager; prologue nodes and the captured segment when compiled.
+    timers: dict[str, _Timer] = {}
+    originals = {}
+    targets = engine.plan.hot if not isinstance(ex, CompiledHotPath) else ex.prologue
+    for name in targets:
+        node = engine.nodes[name]
+        originals[name] = node.forward
+        timers[name] = node.forward = _Timer(node.forward, cuda, [])
+    hot_timer = _Timer(engine.executor, cuda, [])
+    engine.executor = hot_timer
+    lat: list[float] = []
+    marks: list[float] = []
+    session_start = [0.0]
+
+    def on_block(b):
+        b.video()
+        now = time.perf_counter()
+        lat.append((now - b.started) * 1000)
+        marks.append(now)
+        if b.index % 10 == 0:
+            say(f"{mode}: block {b.index + 1}/{warmup + blocks}")
+
+    def before(i):
+        if i == 0:
+            session_start[0] = time.perf_counter()
+
+    try:
+        res = engine.run_session(on_block, max_blocks=warmup + blocks, before_block=before)
+    finally:
+        for name, fn in originals.items():
+            engine.nodes[name].forward = fn
+        engine.executor = ex
+    if not res.ok:
+        raise RuntimeError(f"bench session in {mode} mode failed: {res.error}")
+    hot_ms = hot_timer.millis()[warmup:]
+    block = _pcts(lat[warmup:])
+    frames = engine.stats.frames // max(engine.stats.blocks, 1)
+    span = marks[-1] - marks[warmup - 1] if warmup > 0 else marks[-1] - session_start[0]
+    nodes_ms = {n: _pcts(t.millis()[warmup:])["p50"] for n, t in timers.items()}
+    if isinstance(ex, CompiledHotPath):
+        nodes_ms["(captured hot path)" if ex.mode == "cudagraph" else "(compiled hot path)"] = _pcts(hot_ms)["p50"] - sum(nodes_ms.values())
+    compile_s = ex.times["compile_s"] if isinstance(ex, CompiledHotPath) else 0.0
+    return {
+        "mode": engine.mode,
+        "note": engine.mode_note,
+        "load_s": sum(engine.load_times.values()),
+        "prepare_s": prep_s,
+        "compile_s": compile_s,
+        "capture_s": ex.times["capture_s"] if isinstance(ex, CompiledHotPath) else 0.0,
+        "ttff_s": (marks[0] - session_start[0]),
+        "block_ms": block,
+        "hot_path_ms": _pcts(hot_ms),
+        "overhead_ms": block["p50"] - _pcts(hot_ms)["p50"],
+        "fps": blocks * frames / span if span > 0 else 0.0,
+        "nodes_ms": nodes_ms,
+        "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "recompiles": ex.recompiles if isinstance(ex, CompiledHotPath) else 0,
+        "graphs": len(ex.graphs) if isinstance(ex, CompiledHotPath) else 0,
+    }
+
+
+def run_bench(engine: Engine, modes: list[str], blocks: int = 50, warmup: int = 5, progress=None) -> dict[str, Any]:
+    report = {
+        "schema": SCHEMA, "graph": engine.plan.name, "device": str(engine.device),
+        "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "dtype": str(engine.dtype).replace("torch.", ""),
+        "blocks": blocks, "warmup": warmup, "modes": {}, "ratios": {},
+    }
+    for mode in modes:
+        report["modes"][mode] = bench_mode(engine, mode, blocks, warmup, progress)
+    report["frames_per_block"] = engine.stats.frames // max(engine.stats.blocks, 1)
+    names = list(report["modes"])
+    for a in names:
+        for b in names:
+            if a != b:
+                report["ratios"][f"{a}/{b}"] = report["modes"][a]["block_ms"]["p50"] / report["modes"][b]["block_ms"]["p50"]
+    return report
+
+
+def plot(report: dict[str, Any], path) -> None:
+    """Per-node stacked bars per mode, and the block-time distribution per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(report["modes"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    nodes = sorted({n for m in modes for n in report["modes"][m]["nodes_ms"]})
+    bottoms = [0.0] * len(modes)
+    for node in nodes:
+        vals = [report["modes"][m]["nodes_ms"].get(node, 0.0) for m in modes]
+        ax1.bar(modes, vals, bottom=bottoms, label=node)
+        bottoms = [b + v for b, v in zip(bottoms, vals)]
+    over = [max(report["modes"][m]["overhead_ms"], 0.0) for m in modes]
+    ax1.bar(modes, over, bottom=bottoms, label="engine overhead", color="lightgrey", hatch="//")
+    ax1.set_ylabel("ms per block (p50)")
+    ax1.set_title(f"{report['graph']} on {report['device_name']}: where a block goes")
+    ax1.legend(fontsize=8)
+    ax2.boxplot([[report["modes"][m]["block_ms"][k] for k in ("min", "p50", "p95", "p99", "max")] for m in modes])
+    ax2.set_xticks(range(1, len(modes) + 1), modes)
+    for i, m in enumerate(modes, 1):
+        r = report["modes"][m]
+        ax2.annotate(f"p50 {r['block_ms']['p50']:.2f} ms\n{r['fps']:.0f} fps", (i, r["block_ms"]["p50"]), fontsize=8,
+                     xytext=(8, 0), textcoords="offset points")
+    ax2.set_ylabel("block latency, ms")
+    ax2.set_title("block time distribution (min, p50, p95, p99, max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

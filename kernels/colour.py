@@ -53,7 +53,6 @@ Only Triton builtins available since Triton 3.0 (so in 3.6) are used: ``tl.progr
 ``tl.split`` / ``tl.join``.
 """
 
-from __future__ import annotations
 
 import json
 import os
@@ -586,13 +585,13 @@ def _forward(rgb, matrix, out, nv12: bool, fn: str):
     t, h, w = _check_rgb(rgb, fn)
     matrix = _check_matrix(matrix, fn)
     shape = (t, h * 3 // 2, w)
-    if out is None:
-        out = torch.empty(shape, dtype=torch.uint8, device=rgb.device)
-    else:
+    if out is not None:
         _check_out(out, shape, torch.uint8, rgb.device, fn, frame_packed=True)
     if _backend_for(rgb) == "torch":
         ref = rgb_to_nv12_reference if nv12 else rgb_to_yuv420p_reference
         return ref(rgb, matrix, out=out)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.uint8, device=rgb.device)
     return _rgb_to_yuv420_triton(rgb, out, matrix, nv12)
 
 
@@ -629,12 +628,12 @@ def yuv420p_to_rgb(
     t, h, w = _check_yuv(yuv, fn)
     matrix = _check_matrix(matrix, fn)
     out_dtype = _check_out_dtype(out_dtype, fn)
-    if out is None:
-        out = torch.empty((t, 3, h, w), dtype=out_dtype, device=yuv.device)
-    else:
+    if out is not None:
         _check_out(out, (t, 3, h, w), out_dtype, yuv.device, fn, frame_packed=False)
     if _backend_for(yuv) == "torch":
         return yuv420p_to_rgb_reference(yuv, matrix, out_dtype, out=out)
+    if out is None:
+        out = torch.empty((t, 3, h, w), dtype=out_dtype, device=yuv.device)
     if yuv.numel() and not (yuv.stride(2) == 1 and yuv.stride(1) == w):
         yuv = yuv.contiguous()
     return _yuv420p_to_rgb_triton(yuv, out, matrix)
@@ -662,6 +661,9 @@ def benchmark(
     written by the conversion / the device-copy bandwidth measured in this run (a torch
     ``copy_`` of a buffer of that many bytes, which moves twice that). GB/s = (bytes read +
     written) / time. ``triton_over_floor`` = Triton ms / floor ms (1.0 = at copy bandwidth).
+    Timings are ``triton.testing.do_bench`` means (L2 flushed between calls); the Triton kernel
+    is also timed replayed from a CUDA graph (``do_bench_cudagraph``), which removes the Python
+    validation and launch overhead of the public function.
     With ``sweep`` the forward yuv420p kernel is also timed for a few (BLOCK_C, num_warps).
 
     ``device="cpu"`` is a smoke mode for tests only (needs TRITON_INTERPRET=1; a plain
@@ -676,10 +678,13 @@ def benchmark(
             raise RuntimeError("colour.benchmark(): needs a CUDA device (torch.cuda.is_available() is False)")
         if _interpret_requested():
             raise RuntimeError("colour.benchmark(): unset TRITON_INTERPRET to time compiled kernels")
-        from triton.testing import do_bench
+        from triton.testing import do_bench, do_bench_cudagraph
 
         def ms_of(fn):
             return float(do_bench(fn, warmup=25, rep=200))
+
+        def graph_ms_of(fn):
+            return float(do_bench_cudagraph(fn, rep=100))
 
         device_name = torch.cuda.get_device_name(dev)
     else:
@@ -692,6 +697,8 @@ def benchmark(
             t0 = time.perf_counter()
             fn()
             return max((time.perf_counter() - t0) * 1e3, 1e-6)
+
+        graph_ms_of = ms_of  # exercises the same code path; no graph on CPU
 
         device_name = f"{dev.type} (smoke mode: Triton interpreter, timings meaningless)"
 
@@ -718,28 +725,49 @@ def benchmark(
         except Exception as e:  # pragma: no cover - depends on the machine
             return e
 
+    n_rot = 4
+
+    def rotating(fn, src, out):
+        """A call cycling over ``n_rot`` copies of (src, out): back-to-back replays in a CUDA
+        graph (no L2 flush there) then do not find the previous call's data in L2."""
+        copies = [(src.clone(), torch.empty_like(out)) for _ in range(n_rot)]
+        state = [0]
+
+        def call():
+            x, o = copies[state[0] % n_rot]
+            state[0] += 1
+            fn(x, o)
+
+        return call
+
+    fwd_yuv = lambda x, o: rgb_to_yuv420p(x, matrix, out=o)  # noqa: E731
+    fwd_nv12 = lambda x, o: rgb_to_nv12(x, matrix, out=o)  # noqa: E731
+    yuv_in = rgb_to_yuv420p_reference(rgb, matrix)
+    rgb_out = torch.empty((T, 3, H, W), dtype=dtype, device=dev)
+    inv = lambda x, o: yuv420p_to_rgb(x, matrix, dtype, out=o)  # noqa: E731
     cases = {
         "rgb_to_yuv420p": dict(
             nbytes=rgb_in_bytes + yuv_bytes,
-            triton=lambda: rgb_to_yuv420p(rgb, matrix, out=yuv_out),
+            triton=lambda: fwd_yuv(rgb, yuv_out),
+            graph=rotating(fwd_yuv, rgb, yuv_out) if graph_ms_of else None,
             ref=lambda: rgb_to_yuv420p_reference(rgb, matrix),
             ref_fn=rgb_to_yuv420p_reference, ref_args=(rgb, matrix),
         ),
         "rgb_to_nv12": dict(
             nbytes=rgb_in_bytes + yuv_bytes,
-            triton=lambda: rgb_to_nv12(rgb, matrix, out=yuv_out),
+            triton=lambda: fwd_nv12(rgb, yuv_out),
+            graph=rotating(fwd_nv12, rgb, yuv_out) if graph_ms_of else None,
             ref=lambda: rgb_to_nv12_reference(rgb, matrix),
             ref_fn=rgb_to_nv12_reference, ref_args=(rgb, matrix),
         ),
+        f"yuv420p_to_rgb_{str(dtype).replace('torch.', '')}": dict(
+            nbytes=yuv_bytes + rgb_in_bytes,
+            triton=lambda: inv(yuv_in, rgb_out),
+            graph=rotating(inv, yuv_in, rgb_out) if graph_ms_of else None,
+            ref=lambda: yuv420p_to_rgb_reference(yuv_in, matrix, dtype),
+            ref_fn=yuv420p_to_rgb_reference, ref_args=(yuv_in, matrix, dtype),
+        ),
     }
-    yuv_in = rgb_to_yuv420p_reference(rgb, matrix)
-    rgb_out = torch.empty((T, 3, H, W), dtype=dtype, device=dev)
-    cases[f"yuv420p_to_rgb_{str(dtype).replace('torch.', '')}"] = dict(
-        nbytes=yuv_bytes + rgb_in_bytes,
-        triton=lambda: yuv420p_to_rgb(yuv_in, matrix, dtype, out=rgb_out),
-        ref=lambda: yuv420p_to_rgb_reference(yuv_in, matrix, dtype),
-        ref_fn=yuv420p_to_rgb_reference, ref_args=(yuv_in, matrix, dtype),
-    )
 
     result = {
         "device": device_name,
@@ -773,6 +801,11 @@ def benchmark(
         floor_ms = nbytes / (copy_gbps * 1e9) * 1e3
         entry["floor"] = line("memory floor", floor_ms, nbytes)
         entry["triton"] = line("triton", ms_of(c["triton"]), nbytes)
+        if graph_ms_of is not None:
+            try:  # replayed from a CUDA graph: kernel time without Python / launch overhead
+                entry["triton_cudagraph"] = line("triton (CUDA graph)", graph_ms_of(c["graph"]), nbytes)
+            except Exception as e:  # pragma: no cover - depends on the machine
+                entry["triton_cudagraph"] = {"error": f"{type(e).__name__}: {e}"[:500]}
         entry["torch_eager"] = line("torch eager (ref)", ms_of(c["ref"]), nbytes)
         if compile_reference:
             fn = compiled(c["ref_fn"])

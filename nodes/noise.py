@@ -25,7 +25,8 @@ class Noise(Node):
     def load(self, device, dtype):
         super().load(device, dtype)
         self.generator = torch.Generator(device=device)
-        self.buffer = torch.empty(self.params.shape, device=device, dtype=torch.float32)
+        # Filled in place every block: a captured hot path reads it at this fixed address, no copy.
+        self.buffer = torch.empty(self.params.shape, device=device, dtype=dtype)
         self._seed_used = None
         self.reset()
 
@@ -38,4 +39,4 @@ class Noise(Node):
             self.generator.manual_seed(seed)
             self._seed_used = seed
         self.buffer.normal_(generator=self.generator)
-        return {"noise": self.buffer.to(self.dtype)}
+        return {"noise": self.buffer}

@@ -97,7 +97,7 @@ def bench_mode(engine: Engine, mode: str, blocks: int, warmup: int, progress=Non
         now = time.perf_counter()
         lat.append((now - b.started) * 1000)
         marks.append(now)
-        if b.index % 10 == 0:
+        if b.index % 25 == 0:
             say(f"{mode}: block {b.index + 1}/{warmup + blocks}")
 
     def before(i):

@@ -166,6 +166,7 @@ class Engine:
             raise SessionError(f"cannot swap '{target}' for '{alternative}': {why}")
         self.nodes[target] = new
         self.plan.bindings[target] = self.plan.alt_bindings[alternative]
+        self.hot._external = None
         self._seen.pop(target, None)
 
     def _source_value(self, src: Source) -> tuple[Any, int]:
@@ -198,6 +199,9 @@ class Engine:
     def external(self) -> dict[Source, Any]:
         return {src: self._source_value(src)[0] for src in self.hot.external_sources()}
 
+    def external_versions(self) -> dict[Source, int]:
+        return {src: self._source_value(src)[1] for src in self.hot.external_sources()}
+
     def _wrap_length(self) -> int | None:
         lengths = [n.max_blocks() for n in self.nodes.values() if n.max_blocks()]
         if self.plan.spec.spec.wrap_blocks:
@@ -211,7 +215,7 @@ class Engine:
         """One block: on-change nodes whose inputs moved, then the hot path. Returns the output's values."""
         with torch.inference_mode():
             self.run_on_change()
-            return self.executor(self.external(), self.phases(block))
+            return self.executor(self.external(), self.phases(block), self.external_versions())
 
     def run_session(self, on_block: Callable[[Block], None], max_blocks: int | None = None,
                     stop: threading.Event | None = None,

@@ -1,0 +1,383 @@
+"""TAEHV-style tiny causal video decoder (Wan 2.1 latent space), streamed one block at a time.
+
+Architecture
+------------
+The decoder mirrors the public TAEHV decoder (madebyollin/taehv) so that the decoder half of a real
+``taew2_1.pth`` / ``taew2_1.safetensors`` loads unchanged.  It is a flat ``nn.Sequential`` stored as
+``self.decoder``, so parameter names are ``decoder.<index>.<...>`` exactly as in the public file::
+
+    0  Clamp                       (tanh(x / 3) * 3, no params)
+    1  Conv2d(16 -> c0, 3x3)       decoder.1.weight / decoder.1.bias
+    2  ReLU
+    3..5   MemBlock(c0, c0)        decoder.3.conv.{0,2,4}.{weight,bias}
+    6  Upsample(x2 spatial)
+    7  TGrow(c0, 1)                decoder.7.conv.weight   (no time upsampling at this stage)
+    8  Conv2d(c0 -> c1, no bias)   decoder.8.weight
+    9..11  MemBlock(c1, c1)
+    12 Upsample(x2)
+    13 TGrow(c1, 2)                decoder.13.conv.weight
+    14 Conv2d(c1 -> c2, no bias)
+    15..17 MemBlock(c2, c2)
+    18 Upsample(x2)
+    19 TGrow(c2, 2)                decoder.19.conv.weight
+    20 Conv2d(c2 -> c3, no bias)
+    21 ReLU
+    22 Conv2d(c3 -> 3, 3x3)        decoder.22.weight / decoder.22.bias
+
+with ``(c0, c1, c2, c3) = (256, 128, 64, 64)`` for the real model (tests use tiny widths).  Spatial
+upsampling is 8x, temporal upsampling 4x (two TGrow(2) stages).  A ``MemBlock`` mixes each frame with
+the *previous* frame of its own input (zeros before the first frame); a ``TGrow(s)`` turns every frame
+into ``s`` frames by a 1x1 conv to ``s * C`` channels whose channel groups are emitted in order.
+
+Streaming and state
+-------------------
+``decode_block(latents)`` decodes a block of ``T`` latent frames (``[B, T, 16, h, w]``, TAEHV's NTCHW
+layout) inside one session.  The only temporal memory between blocks is, for every MemBlock, the last
+frame of that MemBlock's input from the previous block.  These live in fixed, preallocated buffers
+(``MemBlock.memory``, shape ``[B, C, h_k, w_k]`` at that stage's resolution) that are read and then
+overwritten in place with ``copy_``; no cache tensor is created per block, so a block decode has fixed
+addresses and no host synchronisation and can be ``torch.compile``-d / CUDA-graph captured.
+
+* TGrow ordering needs no cross-block state: a block always holds whole latent frames, and each latent
+  frame expands to its own ``t_upscale`` consecutive output frames (first channel group first).
+* The frames TAEHV trims at the very start of a video (``frames_to_trim = t_upscale - 1 = 3`` for
+  Wan 2.1) are handled by a bounded *phase*, a host-side Python int, not by data-dependent control flow:
+
+  - phase 0 (``PHASE_FIRST``): the first block of a session; the first 3 decoded frames are dropped,
+    so ``T`` latent frames give ``4 * T - 3`` frames (3 latents -> 9 frames).
+  - phase 1 (``PHASE_STEADY``): every later block; ``T`` latent frames give ``4 * T`` frames
+    (3 latents -> 12 frames).
+
+  The phase only changes a static slice (hence the output shape), so a compiled / captured block
+  function has at most two variants, one per phase.  The MemBlock "empty memory" at the start of a
+  session is simply the zeroed buffers, which ``reset()`` restores.
+
+This matches Wan 2.1's own causal VAE frame count (``1 + 4 * (T_total - 1)`` for ``T_total`` latents).
+
+Value range: TAEHV natively produces RGB in [0, 1] (it clamps to [0, 1]).  Both ``decode_block`` and
+``decode_full`` clamp to [0, 1] and then map to [-1, 1] (``2 * x - 1``) so the output range matches the
+Wan VAE decoder in :mod:`reactor_graph.models.wan_vae`.
+
+Compile / capture usage: call ``allocate_state(batch, h, w, device, dtype)`` (or run one eager block),
+then compile ``block_forward`` (e.g. ``dec.block_forward = torch.compile(dec.block_forward,
+fullgraph=True)``); ``decode_block`` passes the current phase to it and advances the phase afterwards,
+outside the compiled region.
+
+``decode_full`` is the straightforward non-streaming reference (whole sequence at once, memory by a
+zero-padded time shift, trim of the first frames); it never touches the state buffers.  It equals the
+public ``TAEHV.decode_video`` mapped to [-1, 1] (checked once with random weights, outside the tests).
+Decode under ``torch.no_grad()`` / ``torch.inference_mode()``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "PHASE_FIRST",
+    "PHASE_STEADY",
+    "TAEHVDecoder",
+    "MemBlock",
+    "TGrow",
+    "Clamp",
+    "load_taehv",
+    "read_state_dict",
+]
+
+PHASE_FIRST = 0
+PHASE_STEADY = 1
+
+DEFAULT_CHANNELS = (256, 128, 64, 64)
+
+
+def _conv3x3(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(n_in, n_out, kernel_size=3, padding=1, bias=bias)
+
+
+class Clamp(nn.Module):
+    """Soft clamp of the incoming latents to about [-3, 3]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x / 3.0) * 3.0
+
+
+class MemBlock(nn.Module):
+    """Residual conv block that sees the current frame and the previous frame of its own input.
+
+    ``memory`` (non-persistent buffer, ``[B, n_in, H, W]``) holds the last input frame of the previous
+    block while streaming; it is allocated once and updated in place.
+    """
+
+    memory: torch.Tensor | None
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.n_in = n_in
+        self.conv = nn.Sequential(
+            _conv3x3(n_in * 2, n_out), nn.ReLU(), _conv3x3(n_out, n_out), nn.ReLU(), _conv3x3(n_out, n_out)
+        )
+        self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
+        self.act = nn.ReLU()
+        self.register_buffer("memory", None, persistent=False)
+
+    def forward(self, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(torch.cat([x, past], dim=1)) + self.skip(x))
+
+    def previous_frames(self, x: torch.Tensor, batch: int, stream: bool) -> torch.Tensor:
+        """For ``x`` of shape ``[B*T, C, H, W]`` (batch-major), the frame before each frame.
+
+        ``stream=True`` takes the frame before the block from ``memory`` and then stores this
+        block's last frame there (in place).  ``stream=False`` uses zeros before the first frame.
+        """
+        xt = x.reshape(batch, -1, *x.shape[1:])
+        if stream:
+            past = torch.cat([self.memory.unsqueeze(1), xt[:, :-1]], dim=1)
+            self.memory.copy_(xt[:, -1])
+        else:
+            past = F.pad(xt, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1]
+        return past.reshape(x.shape)
+
+
+class TGrow(nn.Module):
+    """Temporal upsampling: every frame becomes ``stride`` frames (1x1 conv to ``stride * C``)."""
+
+    def __init__(self, n_f: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.conv = nn.Conv2d(n_f, n_f * stride, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, c, h, w = x.shape
+        return self.conv(x).reshape(-1, c, h, w)
+
+
+class TAEHVDecoder(nn.Module):
+    """TAEHV decoder for Wan 2.1 latents with block streaming over preallocated state.
+
+    Args:
+        channels: widths ``(c0, c1, c2, c3)`` of the four stages; ``(256, 128, 64, 64)`` is the real model.
+        latent_channels: latent channels (16 for Wan 2.1).
+        decoder_time_upscale: per stage, whether its TGrow doubles time (TAEHV default ``(False, True,
+            True)``; 4x overall).
+        decoder_space_upscale: per stage, whether it doubles height and width (8x overall).
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int] = DEFAULT_CHANNELS,
+        latent_channels: int = 16,
+        decoder_time_upscale: Sequence[bool] = (False, True, True),
+        decoder_space_upscale: Sequence[bool] = (True, True, True),
+    ):
+        super().__init__()
+        c = tuple(int(v) for v in channels)
+        if len(c) != 4:
+            raise ValueError(f"channels must have 4 entries, got {channels!r}")
+        tu = tuple(bool(v) for v in decoder_time_upscale)
+        su = tuple(bool(v) for v in decoder_space_upscale)
+        if len(tu) != 3 or len(su) != 3:
+            raise ValueError("decoder_time_upscale and decoder_space_upscale need 3 entries each")
+        self.channels = c
+        self.latent_channels = int(latent_channels)
+        self.image_channels = 3
+
+        layers: list[nn.Module] = [Clamp(), _conv3x3(self.latent_channels, c[0]), nn.ReLU()]
+        for stage in range(3):
+            n, n_next = c[stage], c[stage + 1]
+            layers += [MemBlock(n, n), MemBlock(n, n), MemBlock(n, n)]
+            layers += [nn.Upsample(scale_factor=2 if su[stage] else 1), TGrow(n, 2 if tu[stage] else 1)]
+            layers += [_conv3x3(n, n_next, bias=False)]
+        layers += [nn.ReLU(), _conv3x3(c[3], self.image_channels)]
+        self.decoder = nn.Sequential(*layers)
+
+        self.t_upscale = 2 ** sum(tu)
+        self.s_upscale = 2 ** sum(su)
+        self.frames_to_trim = self.t_upscale - 1
+        self.phase = PHASE_FIRST
+        self._state_key: tuple | None = None
+
+    # ------------------------------------------------------------------ state
+    def mem_blocks(self) -> list[tuple[int, MemBlock, int]]:
+        """``(index, block, spatial scale relative to the latent)`` for every MemBlock, in order."""
+        out, scale = [], 1
+        for i, layer in enumerate(self.decoder):
+            if isinstance(layer, nn.Upsample):
+                scale *= int(layer.scale_factor)
+            elif isinstance(layer, MemBlock):
+                out.append((i, layer, scale))
+        return out
+
+    def allocate_state(
+        self,
+        batch_size: int,
+        latent_height: int,
+        latent_width: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Allocate (zeroed) state buffers for this batch and latent size and start a new session."""
+        p = next(self.parameters())
+        # normalised ("cuda" -> "cuda:0") so the key matches the latents' device in _ensure_state
+        device = torch.empty(0, device=p.device if device is None else device).device
+        dtype = p.dtype if dtype is None else dtype
+        for _, blk, scale in self.mem_blocks():
+            blk.memory = torch.zeros(
+                batch_size, blk.n_in, latent_height * scale, latent_width * scale, device=device, dtype=dtype
+            )
+        self._state_key = (batch_size, latent_height, latent_width, device, dtype)
+        self.phase = PHASE_FIRST
+
+    def reset(self) -> None:
+        """Start a new session: zero every state buffer in place (addresses kept), phase back to 0."""
+        with torch.no_grad():
+            for buf in self.state_buffers().values():
+                buf.zero_()
+        self.phase = PHASE_FIRST
+
+    def state_buffers(self) -> dict[str, torch.Tensor]:
+        """The allocated streaming state, by name (``decoder.<i>.memory``)."""
+        return {f"decoder.{i}.memory": b.memory for i, b, _ in self.mem_blocks() if b.memory is not None}
+
+    def _ensure_state(self, latents: torch.Tensor) -> None:
+        b, _, _, h, w = latents.shape
+        key = (b, h, w, latents.device, latents.dtype)
+        if self._state_key != key:
+            if torch.compiler.is_compiling():
+                raise RuntimeError("TAEHVDecoder: call allocate_state() before compiling the block decode")
+            self.allocate_state(b, h, w, latents.device, latents.dtype)
+
+    # ------------------------------------------------------------------ decoding
+    def frames_per_block(self, num_latent_frames: int, phase: int) -> int:
+        """Output frames for a block of ``num_latent_frames`` latents in ``phase`` (4T-3, then 4T)."""
+        n = self.t_upscale * num_latent_frames
+        return n - self.frames_to_trim if phase == PHASE_FIRST else n
+
+    def _run(self, latents: torch.Tensor, stream: bool) -> torch.Tensor:
+        if latents.ndim != 5 or latents.shape[2] != self.latent_channels:
+            raise ValueError(f"expected latents [B, T, {self.latent_channels}, h, w], got {tuple(latents.shape)}")
+        b = latents.shape[0]
+        x = latents.reshape(-1, *latents.shape[2:])
+        for layer in self.decoder:
+            if isinstance(layer, MemBlock):
+                x = layer(x, layer.previous_frames(x, b, stream))
+            else:
+                x = layer(x)
+        return x.view(b, -1, *x.shape[1:])
+
+    @staticmethod
+    def _to_signed(frames: torch.Tensor) -> torch.Tensor:
+        return frames.clamp(0.0, 1.0) * 2.0 - 1.0
+
+    def block_forward(self, latents: torch.Tensor, phase: int) -> torch.Tensor:
+        """Decode one block with the current state (updated in place); the compile / capture target.
+
+        ``phase`` must be a Python int (0 or 1); it only selects a static output slice.
+        """
+        frames = self._run(latents, stream=True)
+        if phase == PHASE_FIRST:
+            frames = frames[:, self.frames_to_trim :]
+        return self._to_signed(frames)
+
+    def decode_block(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode ``[B, T, 16, h, w]`` latents -> ``[B, T', 3, 8h, 8w]`` frames in [-1, 1].
+
+        ``T' = 4T - 3`` for the first block of a session, ``4T`` afterwards.
+        """
+        self._ensure_state(latents)
+        out = self.block_forward(latents, self.phase)
+        self.phase = PHASE_STEADY
+        return out
+
+    def decode_full(self, latents: torch.Tensor) -> torch.Tensor:
+        """Non-streaming reference: decode a whole latent video at once (state untouched)."""
+        frames = self._run(latents, stream=False)
+        return self._to_signed(frames[:, self.frames_to_trim :])
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decode_block(latents)
+
+
+# ---------------------------------------------------------------------- loading
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` or ``.pth``/``.pt`` state dict (tensors only) onto the CPU."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path, device="cpu")
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+            sd = sd["state_dict"]
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    return dict(sd)
+
+
+def _infer_channels(sd: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...], int] | None:
+    keys = ("decoder.1.weight", "decoder.8.weight", "decoder.14.weight", "decoder.20.weight")
+    if not all(k in sd for k in keys):
+        return None
+    channels = tuple(int(sd[k].shape[0]) for k in keys)
+    return channels, int(sd["decoder.1.weight"].shape[1])
+
+
+def load_decoder_state_dict(model: TAEHVDecoder, sd: Mapping[str, torch.Tensor]) -> None:
+    """Load TAEHV weights into ``model``: ``encoder.*`` keys are ignored, anything else must match.
+
+    TGrow weights wider than the model's (a checkpoint trained with time upsampling at a stage the
+    model disables) keep their last-timestep output channels, as TAEHV does.  Raises ``ValueError``
+    naming the missing, unexpected and wrongly shaped keys on mismatch.
+    """
+    own = model.state_dict()
+    sd = {k: v for k, v in sd.items() if not k.startswith("encoder.")}
+    for i, layer in enumerate(model.decoder):
+        key = f"decoder.{i}.conv.weight"
+        if isinstance(layer, TGrow) and key in sd and sd[key].shape[0] > own[key].shape[0]:
+            sd[key] = sd[key][-own[key].shape[0] :]
+    missing = sorted(k for k in own if k not in sd)
+    unexpected = sorted(k for k in sd if k not in own)
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected or shapes:
+        raise ValueError(
+            "TAEHV state dict mismatch: "
+            f"missing keys {missing}; unexpected keys {unexpected}; shape mismatches {shapes}"
+        )
+    model.load_state_dict(sd, strict=True)
+
+
+def load_taehv(
+    path: str | os.PathLike,
+    *,
+    channels: Sequence[int] | None = None,
+    latent_channels: int | None = None,
+    decoder_time_upscale: Sequence[bool] = (False, True, True),
+    decoder_space_upscale: Sequence[bool] = (True, True, True),
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> TAEHVDecoder:
+    """Build a :class:`TAEHVDecoder` and load a TAEHV checkpoint (``taew2_1.pth`` / ``.safetensors``).
+
+    Stage widths and latent channels are read from the checkpoint unless given.
+    """
+    sd = read_state_dict(path)
+    inferred = _infer_channels(sd)
+    if channels is None:
+        channels = inferred[0] if inferred else DEFAULT_CHANNELS
+    if latent_channels is None:
+        latent_channels = inferred[1] if inferred else 16
+    model = TAEHVDecoder(channels, latent_channels, decoder_time_upscale, decoder_space_upscale)
+    load_decoder_state_dict(model, sd)
+    model.eval().requires_grad_(False)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model

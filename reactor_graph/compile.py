@@ -292,8 +292,8 @@ def make_executor(engine, progress: Callable[[str], None] | None = None) -> Call
     if mode not in MODES:
         raise CaptureError(f"unknown compile mode '{mode}'; choose one of {', '.join(MODES)}")
     ex = CompiledHotPath(engine.hot, mode, engine.device, backend=engine.compile_backend)
-    # Start-up: real inputs from default slots, then each phase of a session in the order it occurs.
-    engine.slots.restore_defaults()
+    # Start-up (or a hot-path swap): real inputs from the current slots, then each phase of a session in
+    # the order it occurs. Warm-up runs write node state (KV caches), so nodes are reset afterwards.
     engine.reset_nodes()
     with torch.inference_mode():
         engine.run_on_change()

@@ -19,7 +19,8 @@ import torch
 from .compile import HotPath, resolve_device, resolve_dtype
 from .emit import Block, HostCopier
 from .errors import NodeError, ReactorGraphError, SessionError
-from .plan import Plan, Source, outputs_mismatch
+from . import swap
+from .plan import Plan, Source
 from .slots import RESET, CommandQueue, Pending, SlotStore
 
 log = logging.getLogger("reactor_graph")
@@ -47,6 +48,7 @@ class Stats:
     errors: int = 0
     on_change_runs: dict[str, int] = field(default_factory=dict)
     last_block_s: float = 0.0
+    swaps: list[dict] = field(default_factory=list)  # each swap's reply: node, now, stall_ms, recaptured
 
 
 class Engine:
@@ -77,6 +79,8 @@ class Engine:
         self._versions: dict[Source, int] = {}
         self._values: dict[Source, Any] = {}
         self.executor: Callable = self.hot
+        self.original_bindings = dict(plan.bindings)
+        self.restart_pending = False
 
     # -- what a server shows (reactor_graph.host.StreamHost) ----------------------------------------
     @property
@@ -117,12 +121,27 @@ class Engine:
                 raise NodeError(name, node.type_name, "load", exc) from exc
             self.load_times[name] = time.perf_counter() - t0
         self.copier = HostCopier(self.device)
+        self._warm_alternatives(say)
         from .compile import make_executor
 
         say(f"preparing the hot path ({self.mode})")
         self.executor = make_executor(self, progress=say)
         self.loaded = True
         return self
+
+    def _warm_alternatives(self, say) -> None:
+        """Run each declared condition alternative once on default slots, so its first swap is not its first
+        call (lazy initialisation, kernel selection happen here, not in a user's session)."""
+        for name, node in self.plan.alternatives.items():
+            binds = self.plan.alt_bindings[name]
+            if any(src.node is not None for src in binds.values()) or node.every_block:
+                continue
+            say(f"warming alternative {name}")
+            try:
+                with torch.inference_mode():
+                    node.forward(**{port: self.slots.values[src.name] for port, src in binds.items()})
+            except Exception as exc:
+                raise NodeError(name, node.type_name, "warm-up", exc) from exc
 
     # -- commands (any thread) --------------------------------------------------------------------
     def submit(self, name: str, params: dict | None = None, reply=None) -> Pending:
@@ -144,30 +163,34 @@ class Engine:
         for p in pending:
             result: dict[str, Any] = {"ok": True}
             try:
-                if p.command is None:  # built-in reset
+                if p.action is not None:
+                    result = p.action()
+                elif p.command is None:  # built-in reset
                     self.slots.restore_defaults()
                     restart = True
                 else:
                     for slot, value in p.command.writes(p.params).items():
                         self.slots.write(slot, value)
                     for target, alt in p.command.spec.swap.items():
-                        self.swap(target, alt)
+                        result = swap.apply(self, target, *swap.resolve(self, target, alt))
             except ReactorGraphError as exc:
                 result = {"ok": False, "error": str(exc)}
             if p.reply:
                 p.reply(result)
+        restart = restart or self.restart_pending
+        self.restart_pending = False
         return restart
 
-    def swap(self, target: str, alternative: str) -> None:
-        """Replace node `target` by a loaded alternative, keeping the static outputs it wrote."""
-        new = self.plan.alternatives[alternative]
-        why = outputs_mismatch(self.nodes[target], new)
-        if why:
-            raise SessionError(f"cannot swap '{target}' for '{alternative}': {why}")
-        self.nodes[target] = new
-        self.plan.bindings[target] = self.plan.alt_bindings[alternative]
-        self.hot._external = None
-        self._seen.pop(target, None)
+    def request_swap(self, target: str, alternative: str | None = None, spec: dict | None = None,
+                     reply: Callable[[dict], None] | None = None) -> None:
+        """Swap node `target` for a declared alternative (or back to itself), or for a node described by
+        `spec` ({type, params, in}), loaded in the background. Checked now: raises SessionError if it does
+        not fit, and nothing changes. Applied at the next block boundary."""
+        swap.request(self, target, alternative, spec, reply)
+
+    def forget(self, node: str) -> None:
+        """Make an on-change node run again at the next boundary (its inputs are as good as new)."""
+        self._seen.pop(node, None)
 
     def _source_value(self, src: Source) -> tuple[Any, int]:
         if src.node is None:

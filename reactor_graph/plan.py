@@ -248,10 +248,10 @@ def _check_commands(ls: LoadedSpec, nodes: dict[str, Node], alts: dict[str, Node
             path = base + ("swap", target)
             if target not in nodes:
                 issues.append(ls.issue(path, f"swaps node '{target}' which does not exist{near(target, nodes)}"))
-            elif alt not in spec.alternatives:
+            elif alt != target and alt not in spec.alternatives:  # swapping a node for itself restores it
                 issues.append(ls.issue(path, f"'{alt}' is not declared under 'alternatives'"
                                              f"{near(alt, spec.alternatives)}"))
-            elif alt in alts:
+            elif alt in alts and alt != target:
                 why = outputs_mismatch(nodes[target], alts[alt])
                 if why:
                     issues.append(ls.issue(path, f"cannot swap: {why}"))

@@ -118,9 +118,10 @@ class SlotStore:
 
 @dataclass
 class Pending:
-    command: Command | None  # None for the built-in reset
+    command: Command | None  # None for the built-in reset (or an action)
     params: BaseModel | None
     reply: Any = None  # optional callback(result: dict) for whoever sent it
+    action: Any = None  # engine-side work for the boundary (a swap); returns the reply dict
 
 
 class CommandQueue:
@@ -147,6 +148,11 @@ class CommandQueue:
     def submit(self, name: str, params: dict | None = None, reply=None) -> Pending:
         pending = self.validate(name, params)
         pending.reply = reply
+        self._q.put(pending)
+        return pending
+
+    def submit_action(self, action, reply=None) -> Pending:
+        pending = Pending(None, None, reply, action)
         self._q.put(pending)
         return pending
 

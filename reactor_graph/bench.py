@@ -188,3 +188,36 @@ def plot(report: dict[str, Any], path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def swap_scenario(engine: Engine, every: int = 10, progress=None) -> list[dict[str, Any]]:
+    """Swap through every `swap:` command of the graph and back, `every` blocks apart, in one session.
+    A swap's stall is the latency of the block it landed in minus the median block latency."""
+    plan = engine.plan
+    steps: list[tuple[str, str]] = []
+    for cmd in plan.commands.values():
+        for target, alt in cmd.spec.swap.items():
+            steps += [(target, alt), (target, target)]
+    if not steps:
+        return []
+    lat: list[float] = []
+    landed: list[tuple[int, dict]] = []
+
+    def on_block(b):
+        b.video()
+        lat.append((time.perf_counter() - b.started) * 1000)
+        i = b.index + 1
+        if i % every == 0 and i // every <= len(steps):
+            target, alt = steps[i // every - 1]
+            engine.request_swap(target, alt, reply=lambda r, i=i: landed.append((i, r)))
+            if progress:
+                progress(f"swap {target} -> {alt}")
+
+    engine.run_session(on_block, max_blocks=every * (len(steps) + 1) + 1)
+    base = statistics.median(lat)
+    out = []
+    for i, r in landed:
+        out.append({"node": r.get("node"), "now": r.get("now"), "ok": r["ok"], "error": r.get("error"),
+                    "recaptured": r.get("recaptured", False), "stall_ms": max(lat[i] - base, 0.0) if i < len(lat) else None,
+                    "swap_ms": r.get("stall_ms"), "block_p50_ms": base})
+    return out

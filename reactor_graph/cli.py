@@ -183,7 +183,9 @@ def bench(graph: Optional[str] = GRAPH_ARG,
           device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
           dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16"),
           json_out: Optional[Path] = typer.Option(None, "--json", help="write the report (schema in bench.py)"),
-          plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG: per-node bars, block times")):
+          plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG: per-node bars, block times"),
+          swap: bool = typer.Option(False, "--swap", help="also swap through the graph's alternatives and report "
+                                                          "the stall of each swap")):
     """Time every node and the whole block, per compile mode, side by side.
 
     Example: `reactor-graph bench graphs/demo.yaml --compile eager,cudagraph --json b.json --plot b.png`
@@ -201,6 +203,10 @@ def bench(graph: Optional[str] = GRAPH_ARG,
         engine = _open(graph or str(demo_path()), device, dtype, "eager")
         with console.status("benchmarking") as status:
             report = run_bench(engine, modes, blocks, warmup, progress=_progress(status))
+            if swap:
+                from .bench import swap_scenario
+
+                report["swaps"] = swap_scenario(engine, progress=_progress(status))
         table = Table(title=f"{report['graph']} on {report['device_name']} ({report['dtype']})", title_justify="left")
         for col in ("mode", "block p50", "p95", "p99", "hot path", "overhead", "frames/s", "first frame",
                     "compile+capture", "peak MB"):
@@ -217,6 +223,10 @@ def bench(graph: Optional[str] = GRAPH_ARG,
             out.print(f"[bold]{m}[/] per node (p50 ms): " + ", ".join(f"{n} {v:.2f}" for n, v in r["nodes_ms"].items()))
             if r["note"]:
                 out.print(f"  note: {r['note']}")
+        for sw in report.get("swaps", []):
+            what = f"{sw['node']} -> {sw['now']}" if sw["ok"] else f"refused: {sw['error']}"
+            out.print(f"swap {what}: stall {sw['stall_ms']:.2f} ms over a {sw['block_p50_ms']:.2f} ms block"
+                      + (" (recaptured)" if sw["recaptured"] else ""))
         if report["ratios"]:
             out.print("ratios (block p50): " + ", ".join(f"{k} {v:.2f}x" for k, v in report["ratios"].items()))
         if json_out:

@@ -29,3 +29,15 @@ def test_bench_json_and_plot_on_cpu(write_graph, tiny_yaml, tmp_path):
 def test_bench_rejects_unknown_mode(write_graph, tiny_yaml):
     res = CliRunner().invoke(app, ["bench", str(write_graph(tiny_yaml)), "--compile", "eager,fast"])
     assert res.exit_code == 2 and "unknown compile mode(s) fast" in res.output
+
+
+def test_bench_swap_scenario_reports_each_swap(tiny_engine):
+    from reactor_graph.bench import swap_scenario
+    from reactor_graph.node import registry
+
+    engine = tiny_engine(registry()["test_paint"].GRAPH.replace("SECONDS", "0.0"))
+    swaps = swap_scenario(engine, every=3)
+    done = [(s["node"], s["now"]) for s in swaps]
+    assert done == [("cond", "const"), ("cond", "cond"), ("cond", "cond"), ("cond", "cond"),
+                    ("paint", "paint_neg"), ("paint", "paint")]
+    assert all(s["ok"] and s["stall_ms"] is not None for s in swaps)

@@ -2,90 +2,18 @@
 import threading
 import time
 
-import numpy as np
 import pytest
-import torch
-from pydantic import BaseModel, ConfigDict
 
 from reactor_graph.errors import SessionError
-from reactor_graph.node import Node, Port, register
+from reactor_graph.node import registry
 
-
-@register("test_const_cond")
-class ConstCond(Node):
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        value: float = 0.5
-        tokens: int = 4
-        dim: int = 8
-
-    inputs = {"text": Port("str")}
-
-    def ports(self):
-        return dict(self.inputs), {"embeds": Port("tensor", "float", (self.params.tokens, self.params.dim))}
-
-    def forward(self, text):
-        return {"embeds": torch.full((self.params.tokens, self.params.dim), self.params.value, device=self.device,
-                                     dtype=self.dtype)}
-
-
-@register("test_paint")
-class Paint(Node):
-    """Frames whose grey level follows the mean of the condition; a block counter makes each block distinct."""
-
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        gain: float = 1.0
-        seconds: float = 0.0
-
-    inputs = {"embeds": Port("tensor", "float", ("L", "D"))}
-    every_block = True
-    started = threading.Event()
-
-    def ports(self):
-        g = self.graph
-        return dict(self.inputs), {"frames": Port("tensor", "float", (2, 3, g.height, g.width))}
-
-    def load(self, device, dtype):
-        super().load(device, dtype)
-        self.count = torch.zeros((), device=device)
-
-    def reset(self):
-        self.count.zero_()
-
-    def forward(self, embeds):
-        if self.params.seconds:
-            Paint.started.set()
-            time.sleep(self.params.seconds)
-        self.count += 1
-        level = torch.tanh(self.params.gain * embeds.float().mean() * 4 + 0.05 * self.count)
-        return {"frames": level.expand(2, 3, self.graph.height, self.graph.width).to(self.dtype)}
-
-
-GRAPH = """\
-reactor-graph: 1
-name: swaps
-size: [16, 16]
-device: cpu
-slots:
-  prompt: {type: str, default: "a red circle"}
-commands:
-  use_const: {swap: {cond: const}}
-  use_text: {swap: {cond: cond}}
-  flip: {swap: {paint: paint_neg}}
-nodes:
-  cond: {type: text_encoder, params: {dim: 8, max_tokens: 4, heads: 2, layers: 1}, in: {text: $slots.prompt}}
-  paint: {type: test_paint, params: {seconds: SECONDS}, in: {embeds: cond.embeds}}
-  out: {type: emit, in: {frames: paint.frames}}
-alternatives:
-  const: {type: test_const_cond, params: {value: 0.5}, in: {text: $slots.prompt}}
-  wide: {type: text_encoder, params: {dim: 16, max_tokens: 4, heads: 2, layers: 1}, in: {text: $slots.prompt}}
-  paint_neg: {type: test_paint, params: {gain: -1.0}, in: {embeds: cond.embeds}}
-"""
+Paint = registry()["test_paint"]  # test node types and SWAP_GRAPH live in conftest.py
 
 
 def engine_for(tiny_engine, seconds=0.0, **kw):
-    return tiny_engine(GRAPH.replace("SECONDS", str(seconds)), **kw)
+    from reactor_graph.node import registry
+
+    return tiny_engine(registry()["test_paint"].GRAPH.replace("SECONDS", str(seconds)), **kw)
 
 
 def run(engine, blocks, actions):

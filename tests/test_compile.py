@@ -66,3 +66,22 @@ def test_cudagraph_matches_eager_on_gpu(tiny_engine, tiny_yaml):
     assert ex.recompiles == 0 and len(ex.graphs) == 3 and ex.replays == 5
     for a, b in zip(eager, graphed):
         assert np.abs(a - b).max() <= 2
+
+
+def test_replay_check_names_both_sides(tiny_engine):
+    from reactor_graph.errors import CaptureError
+
+    engine = tiny_engine(compile="compile", compile_backend="aot_eager")
+    ex = engine.executor
+    phases = engine.phases(0)
+    key = ex._key(phases)
+    engine.run_on_change()
+    inputs = ex._segment_inputs(ex._run_prologue(engine.external(), phases))
+    ex.static_in[key] = {s: v.clone() for s, v in inputs.items()}  # as capture records them
+    cond = next(s for s in inputs if s.node == "cond")
+    ex._check(key, inputs)  # same shapes and dtypes: fine
+    inputs[cond] = inputs[cond].to(torch.float64)
+    with pytest.raises(CaptureError) as info:
+        ex._check(key, inputs)
+    msg = str(info.value)
+    assert "input 'cond.embeds' was captured as float32[8, 16] on cpu but is now float64[8, 16] on cpu" in msg

@@ -244,7 +244,9 @@ def run(graph: Optional[str] = GRAPH_ARG,
         device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
         compile: Optional[str] = typer.Option(None, help="eager | compile | cudagraph"),
         dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16"),
-        max_seconds: Optional[float] = typer.Option(None, help="stop serving after this long (for scripts)")):
+        max_seconds: Optional[float] = typer.Option(None, help="stop serving after this long (for scripts)"),
+        policy: str = typer.Option("lossless", help="frame queue when the viewer is slower: lossless | latest"),
+        queue_frames: int = typer.Option(8, min=1, help="frames the queue holds before the policy applies")):
     """Serve a graph (or a Reactor manifest.json): a web page, the Reactor JS SDK local protocol, metrics.
 
     Example: `reactor-graph run` (the built-in demo), then open the printed address.
@@ -253,8 +255,10 @@ def run(graph: Optional[str] = GRAPH_ARG,
         from .server.app import serve
 
         engine = _open(graph or str(demo_path()), device, dtype, compile)
-        serve(engine, host=host, port=port, max_seconds=max_seconds,
-              announce=lambda url: out.print(f"[bold green]serving[/] {engine.plan.name} at {url}"))
+        if policy not in ("lossless", "latest"):
+            raise CommandError("run", f"unknown policy '{policy}'; choose lossless or latest", "policy")
+        serve(engine, host=host, port=port, max_seconds=max_seconds, policy=policy, queue_frames=queue_frames,
+              announce=lambda url: out.print(f"[bold green]serving[/] {engine.name} at {url}"))
 
 
 if __name__ == "__main__":  # pragma: no cover

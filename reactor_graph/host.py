@@ -17,6 +17,8 @@ class StreamHost(Protocol):
     height: int
     width: int
     stats: Any  # has .sessions .blocks .frames .errors .last_block_s
+    # Optional: a host whose model talks to the client (Reactor's get_ctx().send) has `on_message`, a
+    # settable callback(data) that the server points at the client in session.
 
     @property
     def busy(self) -> bool: ...

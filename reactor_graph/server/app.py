@@ -1,0 +1,239 @@
+"""`reactor-graph run`: the aiohttp app serving a StreamHost over WebRTC (aiortc).
+
+Routes (every one answers CORS preflights and carries `Access-Control-Allow-Origin: *`):
+
+  POST /start_session                                   a new client; the SDK's session response
+  POST /stop_session                                    end a session ({"session_id"} optional, see below)
+  GET  /sessions/{id}/transport/webrtc/ice_servers      {"ice_servers": [...]}
+  POST /sessions/{id}/transport/webrtc/sdp_params       the client's offer -> 202 (answer prepared)
+  PUT  /sessions/{id}/transport/webrtc/sdp_params       a new offer for the same session (reconnect) -> 202
+  GET  /sessions/{id}/transport/webrtc/sdp_params       202 while pending, 200 {"sdp_answer"} when ready
+  GET  /health                                          {"ok", "model", "busy", "queue", ...}
+  GET  /metrics                                         Prometheus text
+  GET  /api/commands                                    the command schemas (JSON schema and flat)
+  GET  /                                                the built-in page (static/)
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from importlib import resources
+from typing import Any, Callable
+
+from aiohttp import web
+
+from ..errors import SessionError
+from . import protocol as P
+from .metrics import CONTENT_TYPE, Metrics
+from .sessions import SessionManager, Settings
+
+log = logging.getLogger("reactor_graph.server")
+
+SESSION = "/sessions/{session_id}/transport/webrtc"
+
+
+def _server_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("reactor-graph")
+    except Exception:  # noqa: BLE001 - not installed (a source checkout)
+        return "0.1.0"
+
+
+@web.middleware
+async def cors(request: web.Request, handler):
+    if request.method == "OPTIONS":
+        return web.Response(status=204, headers=P.CORS_HEADERS)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        exc.headers.update(P.CORS_HEADERS)
+        raise
+    response.headers.update(P.CORS_HEADERS)
+    return response
+
+
+async def _preflight(request: web.Request) -> web.Response:  # the middleware answers first; this is the route
+    return web.Response(status=204, headers=P.CORS_HEADERS)
+
+
+def _text_error(status: int, text: str) -> web.Response:
+    return web.Response(status=status, text=text, content_type="text/plain")
+
+
+class Server:
+    """The app, its session manager and metrics. `await start(host, port)`, then `await close()`."""
+
+    def __init__(self, host: Any, settings: Settings | None = None, **options: Any):
+        self.host = host
+        self.settings = settings or Settings(**options)
+        self.metrics = Metrics()
+        self.manager = SessionManager(host, self.settings, self.metrics, _server_version())
+        self.runner: web.AppRunner | None = None
+        self.url: str | None = None
+        self.port: int | None = None
+        self.app = self._build()
+
+    def _build(self) -> web.Application:
+        app = web.Application(middlewares=[cors], client_max_size=256 * 1024)
+        r = app.router
+        r.add_post("/start_session", self.start_session)
+        r.add_post("/stop_session", self.stop_session)
+        r.add_get(SESSION + "/ice_servers", self.ice_servers)
+        r.add_post(SESSION + "/sdp_params", self.sdp_offer)
+        r.add_put(SESSION + "/sdp_params", self.sdp_offer)
+        r.add_get(SESSION + "/sdp_params", self.sdp_answer)
+        r.add_post("/sessions/{session_id}/uploads", self.uploads)
+        r.add_get("/health", self.health)
+        r.add_get("/metrics", self.prometheus)
+        r.add_get("/api/commands", self.api_commands)
+        r.add_get("/", self.index)
+        r.add_static("/static/", str(resources.files("reactor_graph.server") / "static"), show_index=False)
+        r.add_route("OPTIONS", "/{tail:.*}", _preflight)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 8080) -> str:
+        await self.manager.start()
+        self.runner = web.AppRunner(self.app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []  # the real port when port=0
+        self.port = sockets[0].getsockname()[1] if sockets else port
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{self.port}"
+        return self.url
+
+    async def close(self) -> None:
+        await self.manager.close()
+        if self.runner is not None:
+            await asyncio.wait_for(self.runner.cleanup(), 10.0)
+            self.runner = None
+
+    # -- the SDK's local-mode routes -----------------------------------------------------------------------
+    def _client(self, request: web.Request):
+        client = self.manager.clients.get(request.match_info["session_id"])
+        if client is None:
+            self.metrics.inc("http_errors_total", route="unknown_session")
+            raise web.HTTPNotFound(text="unknown or ended session", content_type="text/plain")
+        return client
+
+    async def start_session(self, request: web.Request) -> web.Response:
+        try:
+            client = self.manager.create(request.remote or "")
+        except SessionError as exc:
+            self.metrics.inc("http_errors_total", route="start_session")
+            return _text_error(503, str(exc))
+        return web.json_response(self.manager.session_response(client))
+
+    async def stop_session(self, request: web.Request) -> web.Response:
+        session_id = request.query.get("session_id")
+        if session_id is None and request.can_read_body:
+            try:  # JSON, or the text/plain body of navigator.sendBeacon
+                body = json.loads(await request.text() or "null")
+                if isinstance(body, dict) and isinstance(body.get("session_id"), str):
+                    session_id = body["session_id"]
+            except (ValueError, UnicodeDecodeError):
+                pass
+        client = self.manager.resolve_stop(session_id)
+        if client is None:
+            why = "unknown session" if session_id else \
+                "no session_id given and more than one client; the session ends when its connection closes"
+            return web.json_response({"ok": False, "stopped": None, "reason": why})
+        await self.manager.end(client, "stop_session")
+        return web.json_response({"ok": True, "stopped": client.id})
+
+    async def ice_servers(self, request: web.Request) -> web.Response:
+        self._client(request)
+        return web.json_response({"ice_servers": list(self.settings.ice_servers)})
+
+    async def sdp_offer(self, request: web.Request) -> web.Response:
+        client = self._client(request)
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            self.metrics.inc("http_errors_total", route="sdp_params")
+            return _text_error(400, "the body must be JSON: {sdp_offer, track_mapping, client_info}")
+        try:
+            await self.manager.offer(client, body)
+        except (ValueError, SessionError) as exc:
+            self.metrics.inc("http_errors_total", route="sdp_params")
+            return _text_error(400, str(exc))
+        return web.json_response({"status": "accepted"}, status=202)
+
+    async def sdp_answer(self, request: web.Request) -> web.Response:
+        client = self._client(request)
+        if client.answer is None:
+            return web.json_response({"status": "pending"}, status=202)
+        return web.json_response({"sdp_answer": client.answer})
+
+    async def uploads(self, request: web.Request) -> web.Response:
+        self.metrics.inc("http_errors_total", route="uploads")
+        return _text_error(404, "file uploads are not supported by this server")
+
+    # -- ours ---------------------------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        m = self.manager
+        return web.json_response({
+            "ok": not m.stuck, "model": self.host.name, "version": getattr(self.host, "version", None),
+            "busy": bool(self.host.busy), "in_session": m.active is not None, "queue": len(m.waiting),
+            "clients": len(m.clients), "fps": float(self.host.fps), "policy": self.settings.policy,
+        })
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        m = self.manager
+        tracks = [c.track for c in m.clients.values() if c.track is not None]
+        depth = m.active.track.depth if m.active is not None and m.active.track is not None else 0
+        text = self.metrics.render(self.host, tracks, m.active is not None, len(m.waiting), len(m.clients),
+                                   depth, m.stuck)
+        return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def api_commands(self, request: web.Request) -> web.Response:
+        flat = {c["name"]: c["schema"] for c in self.manager.commands}
+        return web.json_response({"model": self.host.name, "fps": float(self.host.fps),
+                                  "width": self.host.width, "height": self.host.height,
+                                  "commands": [{**c, "flat": flat.get(c.get("name"), {})}
+                                               for c in self.host.command_schemas()]})
+
+    async def index(self, request: web.Request) -> web.Response:
+        page = resources.files("reactor_graph.server") / "static" / "index.html"
+        return web.Response(text=page.read_text(encoding="utf-8"), content_type="text/html",
+                            headers={"Cache-Control": "no-cache"})
+
+
+def serve(host_model: Any, host: str = "127.0.0.1", port: int = 8080, max_seconds: float | None = None,
+          announce: Callable[[str], None] | None = None, **options: Any) -> None:
+    """Serve `host_model` (a StreamHost) until Ctrl-C / SIGTERM, or for `max_seconds`; then stop the session
+    and close every peer connection. `options` are Settings fields (policy, queue_frames, ping_timeout...)."""
+    asyncio.run(_serve(host_model, host, port, max_seconds, announce, Settings(**options)))
+
+
+async def _serve(model: Any, host: str, port: int, max_seconds: float | None,
+                 announce: Callable[[str], None] | None, settings: Settings) -> None:
+    server = Server(model, settings)
+    url = await server.start(host, port)
+    (announce or (lambda u: print(f"serving {model.name} at {u}", flush=True)))(url + "/")
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, done.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or Windows
+            pass
+    try:
+        if max_seconds is None:
+            await done.wait()
+        else:
+            try:
+                await asyncio.wait_for(done.wait(), max_seconds)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        await server.close()

@@ -1,0 +1,177 @@
+"""BlockVideoTrack: engine blocks in, paced video frames out.
+
+The engine's thread pushes whole blocks (copied out of their pinned buffers at once); aiortc's sender
+calls `recv()`, which hands frame k out at `t0 + k / fps` on an absolute clock with pts `k * 90000 / fps`,
+so the stream never drifts: when generation is faster the track waits (and the bounded queue fills), when
+it is slower the last frame is repeated. The queue's policy is `latest` (a full queue drops its oldest
+frame: low latency, frames may be skipped) or `lossless` (a full queue makes the producer wait: every frame
+is shown and the engine runs at the stream's pace; `close_producer()` releases it at session end).
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from fractions import Fraction
+from typing import Any, Awaitable, Callable
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+CLOCK_RATE = 90000
+TIME_BASE = Fraction(1, CLOCK_RATE)
+POLICIES = ("latest", "lossless")
+
+
+class _Item:
+    __slots__ = ("pixels", "format", "ready", "block")
+
+    def __init__(self, pixels: np.ndarray, fmt: str, ready: float, block: int):
+        self.pixels, self.format, self.ready, self.block = pixels, fmt, ready, block
+
+
+def blank(fmt: str, height: int, width: int) -> np.ndarray:
+    """A black frame in the given pixel format (limited-range YUV black is Y=16, U=V=128)."""
+    if fmt == "rgb24":
+        return np.zeros((height, width, 3), np.uint8)
+    frame = np.full((height * 3 // 2, width), 128, np.uint8)
+    frame[:height] = 16
+    return frame
+
+
+class BlockVideoTrack(MediaStreamTrack):
+    kind = "video"
+
+    def __init__(self, fps: float, height: int, width: int, *, policy: str = "lossless", capacity: int = 8,
+                 fmt: str = "yuv420p", idle_fps: float = 2.0, max_lag: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep):
+        super().__init__()
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if fps <= 0 or capacity < 1:
+            raise ValueError("fps must be > 0 and capacity >= 1")
+        self.fps = Fraction(fps).limit_denominator(1001)
+        self.policy, self.capacity = policy, int(capacity)
+        self.height, self.width, self.format = int(height), int(width), fmt
+        self.idle_stride = max(1, round(float(self.fps) / idle_fps)) if idle_fps > 0 else 1
+        self.max_lag = max_lag
+        self._clock, self._sleep = clock, sleep
+        self._queue: deque[_Item] = deque()
+        self._cond = threading.Condition()
+        self._producer_closed = False
+        self._last: _Item | None = None
+        self._t0: float | None = None
+        self.k = 0  # index of the next frame on the clock
+        # counters (read by metrics and the stats message)
+        self.pushed = 0  # frames accepted from blocks
+        self.sent = 0  # frames handed to the encoder (fresh + repeats + idle)
+        self.fresh = 0  # frames sent for the first time
+        self.repeats = 0  # the last frame again because the queue was empty
+        self.idle = 0  # blank frames before the first block arrived
+        self.drops = 0  # frames dropped by `latest` when the queue was full
+        self.skipped = 0  # clock slots skipped because recv() fell more than max_lag behind
+        self.last_queue_s = 0.0  # how long the last fresh frame waited between block ready and send
+
+    # -- producer side (the engine's thread) ------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def push_block(self, block: Any) -> int:
+        """Copy a reactor_graph.emit.Block's frames out of its (reused) host buffer and queue them."""
+        pixels = np.array(block.video(), copy=True)
+        return self.push(pixels, fmt=block.format, ready=block.ready or time.perf_counter(), block=block.index)
+
+    def push(self, frames: np.ndarray, fmt: str | None = None, ready: float | None = None,
+             block: int = -1) -> int:
+        """Queue frames [T, ...] (the caller hands over ownership). Returns how many were queued; under
+        `lossless` it waits for room, returning early once the producer is closed."""
+        fmt = fmt or self.format
+        ready = time.perf_counter() if ready is None else ready
+        queued = 0
+        for pixels in frames:
+            item = _Item(pixels, fmt, ready, block)
+            with self._cond:
+                if self._producer_closed:
+                    return queued
+                if self.policy == "lossless":
+                    while len(self._queue) >= self.capacity and not self._producer_closed:
+                        self._cond.wait(0.1)
+                    if self._producer_closed:
+                        return queued
+                elif len(self._queue) >= self.capacity:
+                    self._queue.popleft()
+                    self.drops += 1
+                self._queue.append(item)
+                self.pushed += 1
+                queued += 1
+        return queued
+
+    def close_producer(self) -> None:
+        """No more frames: wake a producer waiting for room and refuse later pushes (safe from any thread)."""
+        with self._cond:
+            self._producer_closed = True
+            self._cond.notify_all()
+
+    @property
+    def producer_closed(self) -> bool:
+        return self._producer_closed
+
+    # -- consumer side (aiortc's sender, on the event loop) ---------------------------------------------
+    def pts(self, k: int) -> int:
+        """Presentation time of clock slot k in 1/90000 s: exactly k * 90000 / fps, rounded once."""
+        return round(k * CLOCK_RATE * self.fps.denominator / self.fps.numerator)
+
+    def due(self, k: int) -> float:
+        return self._t0 + k * self.fps.denominator / self.fps.numerator
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._t0 is None:
+            self._t0 = self._clock()
+        now = self._clock()
+        if now - self.due(self.k) > self.max_lag:  # fell far behind (a stall): rejoin the clock, not burst
+            behind = int((now - self._t0) * self.fps) - self.k
+            if behind > 0:
+                self.k += behind
+                self.skipped += behind
+        wait = self.due(self.k) - self._clock()
+        if wait > 0:
+            await self._sleep(wait)
+        if self.readyState != "live":
+            raise MediaStreamError
+        with self._cond:
+            item = self._queue.popleft() if self._queue else None
+            if item is not None:
+                self._cond.notify_all()
+        k = self.k
+        if item is not None:
+            self._last = item
+            self.fresh += 1
+            self.last_queue_s = max(0.0, time.perf_counter() - item.ready)
+            self.k += 1
+        elif self._last is not None:
+            item = self._last
+            self.repeats += 1
+            self.k += 1
+        else:  # nothing generated yet (waiting in line, or the first block is still cooking): slow blanks
+            item = _Item(blank(self.format, self.height, self.width), self.format, 0.0, -1)
+            self.idle += 1
+            self.k += self.idle_stride
+        self.sent += 1
+        frame = av.VideoFrame.from_ndarray(item.pixels, format=item.format)
+        frame.pts = self.pts(k)
+        frame.time_base = TIME_BASE
+        return frame
+
+    def stop(self) -> None:
+        self.close_producer()
+        super().stop()
+
+    def counters(self) -> dict[str, int]:
+        return {"pushed": self.pushed, "sent": self.sent, "fresh": self.fresh, "repeats": self.repeats,
+                "idle": self.idle, "drops": self.drops, "skipped": self.skipped}

@@ -103,6 +103,14 @@ class Engine:
     def width(self) -> int:
         return self.plan.info.width
 
+    def alternatives(self) -> list[dict]:
+        """Declared alternatives and the nodes each can stand in for (same outputs)."""
+        from .plan import outputs_mismatch
+
+        return [{"name": name, "type": alt.type_name,
+                 "targets": [n for n, node in self.plan.nodes.items() if outputs_mismatch(node, alt) is None]}
+                for name, alt in self.plan.alternatives.items()]
+
     def command_schemas(self) -> list[dict]:
         reset = {"name": RESET, "description": "Restart the sequence with default slots",
                  "schema": {"type": "object", "properties": {}}}

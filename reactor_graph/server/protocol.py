@@ -22,6 +22,7 @@ RUNTIME = "runtime"
 PING = "ping"
 REQUEST_CAPABILITIES = "requestCapabilities"
 FILE_UPLOADED = "fileUploaded"
+SWAP_NODE = "swapNode"  # {node, alternative?, spec?}: hot-swap a node (a declared alternative, or a spec)
 
 # runtime messages this server sends
 MODEL_CAPABILITIES = "modelCapabilities"  # {commands: [{name, description, schema}]}
@@ -30,6 +31,7 @@ SESSION_STARTED = "sessionStarted"  # {session_id, fps, width, height}
 SESSION_ENDED = "sessionEnded"  # {reason, error}
 STATS = "stats"  # once a second to the client in session
 ERROR = "error"  # {code, message[, node]}: a message was refused, or a node failed
+SWAP_RESULT = "swapResult"  # {node, ok, now?, stall_ms?, recaptured?, error?}
 
 # application messages this server sends
 COMMAND_RESULT = "commandResult"  # {command, ok[, error: {message, field, reason}]}

@@ -23,7 +23,7 @@ from typing import Any
 
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from ..errors import CommandError, SessionError
+from ..errors import CommandError, ReactorGraphError, SessionError
 from . import protocol as P
 from .metrics import Metrics
 from .tracks import POLICIES, BlockVideoTrack
@@ -411,14 +411,49 @@ class SessionManager:
         if env.type == P.PING:
             return
         if env.type == P.REQUEST_CAPABILITIES:
-            client.send(P.runtime(P.MODEL_CAPABILITIES, {"commands": self._commands}))
+            caps: dict[str, Any] = {"commands": self._commands}
+            if hasattr(self.host, "alternatives"):
+                caps["alternatives"] = self.host.alternatives()
+            client.send(P.runtime(P.MODEL_CAPABILITIES, caps))
+        elif env.type == P.SWAP_NODE:
+            self._swap(client, env.data)
         elif env.type == P.FILE_UPLOADED:
             self.metrics.inc("messages_rejected_total", code="unsupported")
             client.send(P.error_message("unsupported", "file uploads are not supported by this server"))
         else:
             self.metrics.inc("messages_rejected_total", code="unknown_runtime")
             client.send(P.error_message("unknown_runtime", f"unknown runtime message {env.type[:60]!r}; known: "
-                                        f"{P.PING}, {P.REQUEST_CAPABILITIES}"))
+                                        f"{P.PING}, {P.REQUEST_CAPABILITIES}, {P.SWAP_NODE}"))
+
+    def _swap(self, client: Client, data: Any) -> None:
+        """Hot-swap a node for the client in session; the result (with the measured stall) comes back as
+        a runtime `swapResult` once the swap lands at a block boundary, or at once if it is refused."""
+        node = data.get("node") if isinstance(data, dict) else None
+        if not isinstance(node, str):
+            client.send(P.error_message("bad_envelope", 'swapNode takes {"node": str, "alternative": str} or '
+                                        '{"node": str, "spec": {type, params, in}}'))
+            return
+        if client.state != "active":
+            client.send(P.runtime(P.SWAP_RESULT, {"node": node, "ok": False, "error": "not in session"}))
+            return
+        if not hasattr(self.host, "request_swap"):
+            client.send(P.error_message("unsupported", "this model cannot swap nodes"))
+            return
+        loop = self._loop
+
+        def reply(result: dict) -> None:  # the engine's thread
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(client.send, P.runtime(P.SWAP_RESULT, {"node": node, **result}))
+
+        alternative, spec = data.get("alternative"), data.get("spec")
+        if not isinstance(alternative, (str, type(None))) or not isinstance(spec, (dict, type(None))):
+            client.send(P.runtime(P.SWAP_RESULT, {"node": node, "ok": False,
+                                                  "error": "'alternative' is a string and 'spec' an object"}))
+            return
+        try:
+            self.host.request_swap(node, alternative, spec, reply)
+        except ReactorGraphError as exc:
+            client.send(P.runtime(P.SWAP_RESULT, {"node": node, "ok": False, "error": str(exc)}))
 
     def _command(self, client: Client, env: P.Envelope) -> None:
         name = env.type[:100]

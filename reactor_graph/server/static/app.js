@@ -207,7 +207,12 @@ function onMessage(ev) {
       teardown(false);
       break;
     case "error": log(`error ${d.code}: ${d.message}`); break;
-    case "modelCapabilities": buildForms(d.commands || []); break;
+    case "modelCapabilities": buildForms(d.commands || []); buildSwaps(d.alternatives || []); break;
+    case "swapResult":
+      state.replies.push({ swap: d });
+      log(d.ok ? `swapped ${d.node} -> ${d.now} (stall ${Number(d.stall_ms).toFixed(1)} ms` +
+                 `${d.recaptured ? ", recaptured" : ""})` : `swap of ${d.node} refused: ${d.error}`);
+      break;
     default: log(`runtime ${inner.type}`);
   }
 }
@@ -248,6 +253,7 @@ async function connect() {
     channel.onopen = () => {
       log("data channel open");
       pingTimer = setInterval(() => send("runtime", "ping", {}), 5000);
+      send("runtime", "requestCapabilities", {}); // the reply also lists the alternatives to swap in
     };
     channel.onclose = () => { clearInterval(pingTimer); };
     const transceiver = pc.addTransceiver("video", { direction: "recvonly" });
@@ -305,3 +311,30 @@ window.addEventListener("pagehide", () => {
 });
 countFrames();
 connect();
+
+// -- hot-swapping nodes: each declared alternative, on each node it can stand in for, and back ------------
+function buildSwaps(alternatives) {
+  const box = $("swaps");
+  box.textContent = "";
+  const targets = new Set();
+  for (const alt of alternatives) {
+    for (const node of alt.targets) {
+      targets.add(node);
+      const b = document.createElement("button");
+      b.type = "button";
+      b.textContent = `${node} → ${alt.name}`;
+      b.onclick = () => sendRuntime("swapNode", { node, alternative: alt.name });
+      box.append(b);
+    }
+  }
+  for (const node of targets) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = `${node} → original`;
+    b.onclick = () => sendRuntime("swapNode", { node, alternative: node });
+    box.append(b);
+  }
+  $("swaps-title").hidden = box.children.length === 0;
+}
+
+function sendRuntime(type, data) { send("runtime", type, data); }

@@ -122,6 +122,7 @@ class ReactorModel(Node):
         self._applied: dict[str, Any] = {}
         self._last: torch.Tensor | None = None
         self.sessions = 0  # model sessions started (wraps and resets included)
+        self.waited_s = 0.0  # how long the last forward() waited for frames (the model slower than the graph)
 
     def ports(self):
         g, t = self.graph, self.params.frames

@@ -221,3 +221,28 @@ def swap_scenario(engine: Engine, every: int = 10, progress=None) -> list[dict[s
                     "recaptured": r.get("recaptured", False), "stall_ms": max(lat[i] - base, 0.0) if i < len(lat) else None,
                     "swap_ms": r.get("stall_ms"), "block_p50_ms": base})
     return out
+
+
+def bench_host(host, blocks: int = 50, warmup: int = 5) -> dict[str, Any]:
+    """A wrapped Reactor model (compat.ModelHost) is one opaque loop: time it block to block."""
+    marks: list[float] = []
+    t0 = [0.0]
+
+    def before(i):
+        if i == 0:
+            t0[0] = time.perf_counter()
+
+    def on_block(b):
+        b.video()
+        marks.append(time.perf_counter())
+
+    res = host.run_session(on_block, max_blocks=warmup + blocks, before_block=before)
+    if not res.ok:
+        raise RuntimeError(f"bench session failed: {res.error}")
+    gaps = [(b - a) * 1000 for a, b in zip(marks[warmup:], marks[warmup + 1:])] or [0.0]
+    frames = host.stats.frames // max(host.stats.blocks, 1)
+    span = marks[-1] - marks[warmup]
+    return {"schema": SCHEMA, "graph": host.name, "device": "model", "blocks": blocks, "warmup": warmup,
+            "frames_per_block": frames,
+            "modes": {"model": {"mode": "model", "block_ms": _pcts(gaps), "ttff_s": marks[0] - t0[0],
+                                "fps": (len(marks) - warmup - 1) * frames / span if span > 0 else 0.0}}}

@@ -59,10 +59,21 @@ def _progress(status):
     return lambda msg: status.update(f"[cyan]{msg}")
 
 
+def is_manifest(path: str) -> bool:
+    p = Path(path)
+    return p.suffix == ".json" or (p.is_dir() and (p / "manifest.json").exists())
+
+
 def _open(graph: str, device, dtype, compile):
+    """A graph's Engine, or for a Reactor manifest.json a ModelHost (the same surface for run/render)."""
     from .loop import Engine
     from .plan import load_plan
 
+    if is_manifest(graph):
+        from .compat import open_manifest
+
+        with console.status(f"loading {graph}"):
+            return open_manifest(graph)
     plan = load_plan(graph)
     with console.status("loading") as status:
         engine = Engine(plan, device=device, dtype=dtype, compile=compile)
@@ -135,9 +146,9 @@ def nodes():
         table.add_column("type / default")
         table.add_column("description")
         for pname, f in cls.Params.model_fields.items():
-            default = "required" if f.is_required() else repr(f.default)
+            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
             typ = getattr(f.annotation, "__name__", str(f.annotation))
-            table.add_row("param", pname, escape(f"{typ} = {default}"),
+            table.add_row("param", f.alias or pname, escape(f"{typ} = {default}"),
                           f.description or "")
         for kind, ports in (("in", cls.inputs), ("out", cls.outputs)):
             for pname, port in ports.items():
@@ -171,8 +182,7 @@ def render(graph: Optional[str] = GRAPH_ARG,
                                        on_progress=lambda n: progress.update(task, completed=n))
         if result.error:
             raise ReactorGraphError(f"the session ended early after {result.blocks} blocks: {result.error}")
-        h, w = engine.plan.info.height, engine.plan.info.width
-        out.print(f"wrote {output}: {frames} frames of {w}x{h} at {engine.plan.spec.spec.fps:g} fps")
+        out.print(f"wrote {output}: {frames} frames of {engine.width}x{engine.height} at {engine.fps:g} fps")
 
 
 @app.command()
@@ -200,6 +210,19 @@ def bench(graph: Optional[str] = GRAPH_ARG,
         if bad:
             raise CommandError("bench", f"unknown compile mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}",
                                "compile")
+        if is_manifest(graph or ""):
+            from .bench import bench_host
+
+            host = _open(graph, device, dtype, None)
+            with console.status("benchmarking"):
+                report = bench_host(host, blocks, warmup)
+            r = report["modes"]["model"]
+            out.print(f"{report['graph']}: block p50 {r['block_ms']['p50']:.2f} ms, p95 {r['block_ms']['p95']:.2f}, "
+                      f"p99 {r['block_ms']['p99']:.2f}; {r['fps']:.1f} frames/s; first frame "
+                      f"{r['ttff_s'] * 1000:.0f} ms (a wrapped model is timed as a whole, block to block)")
+            if json_out:
+                json_out.write_text(json.dumps(report, indent=2))
+            return
         engine = _open(graph or str(demo_path()), device, dtype, "eager")
         with console.status("benchmarking") as status:
             report = run_bench(engine, modes, blocks, warmup, progress=_progress(status))

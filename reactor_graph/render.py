@@ -9,7 +9,7 @@ import av
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import CommandError, GraphError, Issue
-from .loop import Engine, SessionResult
+from .loop import Engine, SessionResult  # or a compat ModelHost: the same run_session/fps/commands
 from .spec import parse_yaml
 
 
@@ -63,8 +63,7 @@ def pick_codec() -> str:
 def render(engine: Engine, out: str | Path, blocks: int, script: list[TimedCommand] | None = None,
            on_progress: Callable[[int], None] | None = None) -> tuple[SessionResult, int]:
     """Render `blocks` blocks to `out`. Returns the session result and the number of frames written."""
-    fps = Fraction(engine.plan.spec.spec.fps).limit_denominator(1000)
-    h, w = engine.plan.info.height, engine.plan.info.width
+    fps = Fraction(engine.fps).limit_denominator(1000)
     pending = list(script or [])  # commands due at the same boundary apply in script order
     written = 0
 
@@ -77,13 +76,15 @@ def render(engine: Engine, out: str | Path, blocks: int, script: list[TimedComma
                 pending.remove(cmd)
 
     with av.open(str(out), mode="w") as container:
-        stream = container.add_stream(pick_codec(), rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        if stream.codec_context.name == "libx264":
-            stream.options = {"preset": "veryfast", "crf": "18"}
+        stream = None
 
         def on_block(block) -> None:
-            nonlocal written
+            nonlocal written, stream
+            if stream is None:  # opened on the first block: a wrapped model may learn its size only then
+                stream = container.add_stream(pick_codec(), rate=fps)
+                stream.width, stream.height, stream.pix_fmt = block.width, block.height, "yuv420p"
+                if stream.codec_context.name == "libx264":
+                    stream.options = {"preset": "veryfast", "crf": "18"}
             for frame in block.video():
                 vf = av.VideoFrame.from_ndarray(frame, format=block.format)
                 if block.format != "yuv420p":
@@ -94,5 +95,6 @@ def render(engine: Engine, out: str | Path, blocks: int, script: list[TimedComma
                 on_progress(block.index + 1)
 
         result = engine.run_session(on_block, max_blocks=blocks, before_block=before_block)
-        container.mux(stream.encode(None))
+        if stream is not None:
+            container.mux(stream.encode(None))
     return result, written

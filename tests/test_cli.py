@@ -48,3 +48,19 @@ def test_render_cli(write_graph, tiny_yaml, tmp_path):
 def test_render_missing_graph_is_clear(tmp_path):
     res = runner.invoke(app, ["render", str(tmp_path / "nope.yaml")])
     assert res.exit_code == 2 and "file not found" in res.output and "Traceback" not in res.output
+
+
+def test_manifest_render_and_bench(tmp_path):
+    """A Reactor runtime model (manifest.json) renders and benches through the same CLI as a graph."""
+    from pathlib import Path
+
+    manifest = Path(__file__).parent / "compat" / "models" / "manifest.json"
+    out = tmp_path / "m.mp4"
+    res = runner.invoke(app, ["render", str(manifest), "-o", str(out), "--blocks", "3"])
+    assert res.exit_code == 0, res.output
+    assert "6 frames of 32x32 at 12 fps" in res.output
+    with av.open(str(out)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 6
+    res = runner.invoke(app, ["bench", str(manifest), "--blocks", "4", "--warmup", "1"])
+    assert res.exit_code == 0, res.output
+    assert "prompt-model: block p50" in res.output and "frames/s" in res.output

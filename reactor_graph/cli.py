@@ -64,17 +64,33 @@ def is_manifest(path: str) -> bool:
     return p.suffix == ".json" or (p.is_dir() and (p / "manifest.json").exists())
 
 
-def _open(graph: str, device, dtype, compile):
+def _plan(graph, random_weights: bool = False):
+    from .plan import build_plan
+    from .spec import load_spec
+    from .weights import use_random_weights
+
+    ls = load_spec(graph)
+    if random_weights:
+        changed = use_random_weights(ls)
+        if changed:
+            console.print(f"random weights for: {', '.join(changed)}")
+    return build_plan(ls)
+
+
+RANDOM_WEIGHTS = typer.Option(False, "--random-weights", help="ignore every node's `weights:` and use random "
+                                                              "weights (timing the real architecture)")
+
+
+def _open(graph: str, device, dtype, compile, random_weights: bool = False):
     """A graph's Engine, or for a Reactor manifest.json a ModelHost (the same surface for run/render)."""
     from .loop import Engine
-    from .plan import load_plan
 
     if is_manifest(graph):
         from .compat import open_manifest
 
         with console.status(f"loading {graph}"):
             return open_manifest(graph)
-    plan = load_plan(graph)
+    plan = _plan(graph, random_weights)
     with console.status("loading") as status:
         engine = Engine(plan, device=device, dtype=dtype, compile=compile)
         engine.load(progress=_progress(status))
@@ -140,7 +156,7 @@ def nodes():
     from .node import registry
 
     for name, cls in sorted(registry().items()):
-        table = Table(title=f"[bold]{name}[/]  {cls.description}", title_justify="left", show_header=True)
+        table = Table(title=f"[bold]{name}[/]  {escape(cls.description)}", title_justify="left", show_header=True)
         table.add_column("kind")
         table.add_column("name")
         table.add_column("type / default")
@@ -149,10 +165,10 @@ def nodes():
             default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
             typ = getattr(f.annotation, "__name__", str(f.annotation))
             table.add_row("param", f.alias or pname, escape(f"{typ} = {default}"),
-                          f.description or "")
+                          escape(f.description or ""))
         for kind, ports in (("in", cls.inputs), ("out", cls.outputs)):
             for pname, port in ports.items():
-                table.add_row(kind, pname, escape(port.describe()), port.description)
+                table.add_row(kind, pname, escape(port.describe()), escape(port.description))
         out.print(table)
 
 
@@ -163,7 +179,8 @@ def render(graph: Optional[str] = GRAPH_ARG,
            commands: Optional[Path] = typer.Option(None, help="YAML list of {block|time, command, params}"),
            device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
            compile: Optional[str] = typer.Option(None, help="eager | compile | cudagraph"),
-           dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16")):
+           dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16"),
+           random_weights: bool = RANDOM_WEIGHTS):
     """Render the stream to an mp4, applying timed commands from a script.
 
     Example: `reactor-graph render graphs/demo.yaml -o demo.mp4 --blocks 32 --commands script.yaml`
@@ -174,7 +191,7 @@ def render(graph: Optional[str] = GRAPH_ARG,
     from .render import render as do_render
 
     with clear_errors():
-        engine = _open(graph or str(demo_path()), device, dtype, compile)
+        engine = _open(graph or str(demo_path()), device, dtype, compile, random_weights)
         script = load_script(commands, engine) if commands else None
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("rendering", total=blocks)
@@ -194,6 +211,7 @@ def bench(graph: Optional[str] = GRAPH_ARG,
           dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16"),
           json_out: Optional[Path] = typer.Option(None, "--json", help="write the report (schema in bench.py)"),
           plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG: per-node bars, block times"),
+          random_weights: bool = RANDOM_WEIGHTS,
           swap: bool = typer.Option(False, "--swap", help="also swap through the graph's alternatives and report "
                                                           "the stall of each swap")):
     """Time every node and the whole block, per compile mode, side by side.
@@ -223,7 +241,7 @@ def bench(graph: Optional[str] = GRAPH_ARG,
             if json_out:
                 json_out.write_text(json.dumps(report, indent=2))
             return
-        engine = _open(graph or str(demo_path()), device, dtype, "eager")
+        engine = _open(graph or str(demo_path()), device, dtype, "eager", random_weights)
         with console.status("benchmarking") as status:
             report = run_bench(engine, modes, blocks, warmup, progress=_progress(status))
             if swap:
@@ -269,7 +287,8 @@ def run(graph: Optional[str] = GRAPH_ARG,
         dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16"),
         max_seconds: Optional[float] = typer.Option(None, help="stop serving after this long (for scripts)"),
         policy: str = typer.Option("lossless", help="frame queue when the viewer is slower: lossless | latest"),
-        queue_frames: int = typer.Option(8, min=1, help="frames the queue holds before the policy applies")):
+        queue_frames: int = typer.Option(8, min=1, help="frames the queue holds before the policy applies"),
+        random_weights: bool = RANDOM_WEIGHTS):
     """Serve a graph (or a Reactor manifest.json): a web page, the Reactor JS SDK local protocol, metrics.
 
     Example: `reactor-graph run` (the built-in demo), then open the printed address.

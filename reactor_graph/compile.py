@@ -291,6 +291,11 @@ def make_executor(engine, progress: Callable[[str], None] | None = None) -> Call
         return engine.hot
     if mode not in MODES:
         raise CaptureError(f"unknown compile mode '{mode}'; choose one of {', '.join(MODES)}")
+    # Dynamo keeps a bounded number of compiled entries per code object (8 by default) and silently runs
+    # the rest uncompiled; a graph has one entry per phase key (and nodes compile regions of their own).
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
     ex = CompiledHotPath(engine.hot, mode, engine.device, backend=engine.compile_backend)
     # Start-up (or a hot-path swap): real inputs from the current slots, then each phase of a session in
     # the order it occurs. Warm-up runs write node state (KV caches), so nodes are reset afterwards.

@@ -57,19 +57,20 @@ class HostCopier:
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self._dev: list[torch.Tensor] = []
-        self._host: list[torch.Tensor] = []
-        self._done: list[Any] = []
-        self._next = 0
+        # One ring per block shape: a session's first block may be shorter (a causal decoder's first
+        # phase), and dropping a ring while its copies are in flight would be a race.
+        self._rings: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor], list[Any], list[int]]] = {}
 
-    def _slot(self, like: torch.Tensor) -> int:
-        if not self._dev or self._dev[0].shape != like.shape or self._dev[0].dtype != like.dtype:
-            self._dev = [torch.empty_like(like) for _ in range(self.RING)]
-            self._host = [torch.empty(like.shape, dtype=like.dtype, pin_memory=True) for _ in range(self.RING)]
-            self._done = [None] * self.RING
-        i = self._next % self.RING
-        self._next += 1
-        return i
+    def _slot(self, like: torch.Tensor):
+        key = (tuple(like.shape), like.dtype)
+        if key not in self._rings:
+            self._rings[key] = ([torch.empty_like(like) for _ in range(self.RING)],
+                                [torch.empty(like.shape, dtype=like.dtype, pin_memory=True) for _ in range(self.RING)],
+                                [None] * self.RING, [0])
+        dev, host, done, counter = self._rings[key]
+        i = counter[0] % self.RING
+        counter[0] += 1
+        return dev, host, done, i
 
     def emit(self, index: int, outputs: dict[str, Any], params, started: float) -> Block:
         video = outputs["video"]
@@ -77,18 +78,18 @@ class HostCopier:
         t, h = video.shape[0], video.shape[1] if fmt == "rgb24" else video.shape[1] * 2 // 3
         block = Block(index, fmt, t, h, video.shape[2], started)
         if self.cuda:
-            i = self._slot(video)
+            dev, host, done, i = self._slot(video)
             main = torch.cuda.current_stream(self.device)
-            if self._done[i] is not None:
-                main.wait_event(self._done[i])  # the host copy from this slot, RING blocks ago
-            self._dev[i].copy_(video, non_blocking=True)
+            if done[i] is not None:
+                main.wait_event(done[i])  # the host copy from this slot, RING blocks ago
+            dev[i].copy_(video, non_blocking=True)
             self.stream.wait_stream(main)
             with torch.cuda.stream(self.stream):
-                self._host[i].copy_(self._dev[i], non_blocking=True)
+                host[i].copy_(dev[i], non_blocking=True)
                 evt = torch.cuda.Event()
                 evt.record(self.stream)
-            self._done[i] = evt
-            block._host, block._event = self._host[i], evt
+            done[i] = evt
+            block._host, block._event = host[i], evt
         else:
             block._host = video.detach().clone()
         block.ready = time.perf_counter()

@@ -6,6 +6,9 @@ from pathlib import Path
 import torch
 
 
+RANDOM = "random"  # a `weights:` value: the real architecture with random weights (for benches)
+
+
 def resolve(path: str | Path, root: Path | None) -> Path:
     p = Path(path).expanduser()
     if not p.is_absolute() and root is not None:
@@ -55,3 +58,45 @@ def save(module: torch.nn.Module, path: str | Path, metadata: dict | None = None
 
     save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(path),
               metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def resolve_weights(weights: str, root, kind: str, folder_file: str | None = None) -> Path:
+    """The local file `weights` names (relative to the graph's folder); a clear error if it is not there."""
+    p = resolve(weights, root)
+    if p.is_dir() and folder_file:
+        if (p / folder_file).exists():
+            return p / folder_file
+        raise FileNotFoundError(f"{kind} weights folder {p} has no {folder_file}; point `weights:` at the "
+                                f"checkpoint file, or use `weights: random`")
+    if not p.exists():
+        raise FileNotFoundError(f"{kind} weights file {p} does not exist (weights are read from local files only; "
+                                f"point `weights:` at your local checkpoint, or use `weights: random`)")
+    return p
+
+
+def use_random_weights(loaded_spec) -> list[str]:
+    """`--random-weights`: every node (and alternative) with a `weights` param gets random weights.
+
+    Nodes that declare `accepts_random_weights = True` get `weights: random`; older nodes whose `weights` default
+    is None (None means random there) lose the key. Edits the LoadedSpec's node params in place, before the plan
+    is built; returns the names of the nodes changed."""
+    from reactor_graph.node import resolve_type
+
+    changed = []
+    for section in (loaded_spec.spec.nodes, loaded_spec.spec.alternatives):
+        for name, ns in section.items():
+            try:
+                cls = resolve_type(ns.type)
+            except (KeyError, ImportError, AttributeError, TypeError):
+                continue  # build_plan reports it
+            fields = getattr(cls.Params, "model_fields", {})
+            if "weights" not in fields:
+                continue
+            if getattr(cls, "accepts_random_weights", False):
+                ns.params["weights"] = RANDOM
+            elif fields["weights"].default is None:
+                ns.params.pop("weights", None)
+            else:
+                continue
+            changed.append(name)
+    return changed

@@ -1,0 +1,239 @@
+"""Self-Forcing's configuration at full size on one GPU: eager against cudagraph, per node, frames/s, TTFF.
+
+    python bench/bench_self_forcing.py bench/results/self_forcing_h100.json          # both modes, ~4-7 min
+    python bench/bench_self_forcing.py out.json --quick                              # 2 layers: a smoke test
+    python bench/bench_self_forcing.py out.json --modes cudagraph                    # one mode per run also works
+
+Loads graphs/self_forcing.yaml (UMT5-XXL -> Wan2.1-1.3B causal DiT, 4 steps, 3 latent frames a block, 21-frame
+KV cache, TAEHV, yuv420p emit; 480x832) with every `weights` random (the lead's `--random-weights` convention:
+`use_random_weights` in nodes/wan_causal_dit.py), on cuda in bfloat16, and runs
+`reactor_graph.bench.run_bench(engine, [mode], blocks, warmup)` once per mode, eager with few blocks (about 0.5 s
+a block) and cudagraph with more. The warm-up covers the 7 filling blocks, so the measured blocks are all in the
+rolling phase: the cost of every block of an endless stream (the fullest cache). The JSON is written after each
+mode, so a run cut short keeps what it measured; progress lines carry the elapsed time.
+
+Also reported: the UMT5 encode (an on-change node, once per prompt), the DiT's FLOPs per block (FlopCounterMode on
+the meta device) and the throughput they imply, and frames/s recomputed from steady-state 12-frame blocks (the
+engine's `frames_per_block` is an integer mean that counts the 9-frame first block).
+
+No network: nothing is downloaded. Needs torch with CUDA, triton; transformers for the UMT5 node.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+T0 = time.perf_counter()
+
+
+def say(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", help="JSON report path")
+    ap.add_argument("--graph", default=str(ROOT / "graphs" / "self_forcing.yaml"))
+    ap.add_argument("--quick", action="store_true", help="2 DiT layers and 2 UMT5 layers: a smoke test")
+    ap.add_argument("--layers", type=int, default=None, help="DiT layers (random weights; default: the config's)")
+    ap.add_argument("--modes", default="eager,cudagraph", help="comma-separated: eager, compile, cudagraph")
+    ap.add_argument("--eager-blocks", type=int, default=8, help="measured blocks in eager mode")
+    ap.add_argument("--blocks", type=int, default=40, help="measured blocks in compiled modes")
+    ap.add_argument("--warmup", type=int, default=7, help="blocks before measuring (7: all filling phases)")
+    ap.add_argument("--backend", default="inductor", help="engine compile backend (none: capture eager code)")
+    ap.add_argument("--dit-compile", choices=["regional", "whole"], default="regional",
+                    help="how compiled modes compile the DiT (see nodes/wan_causal_dit.py)")
+    ap.add_argument("--attention", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"])
+    ap.add_argument("--decoder", choices=["taehv", "wan_vae"], default="taehv")
+    ap.add_argument("--device", default="cuda", help="cpu runs too (with --graph graphs/wan_tiny.yaml)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    return ap.parse_args()
+
+
+def build_engine(args):
+    import torch
+
+    from reactor_graph.loop import Engine
+    from reactor_graph.weights import use_random_weights
+    from reactor_graph.plan import build_plan
+    from reactor_graph.spec import load_spec
+
+    ls = load_spec(args.graph)
+    changed = use_random_weights(ls)
+    nodes = ls.spec.nodes
+    dit = next(n for n, s in nodes.items() if s.type == "wan_causal_dit")
+    text = next((n for n, s in nodes.items() if s.type == "umt5_encoder"), None)
+    dec = next((n for n, s in nodes.items() if s.type in ("taehv_decoder", "wan_vae_decoder")), None)
+    layers = 2 if args.quick else args.layers
+    if layers:
+        nodes[dit].params["layers"] = layers
+        if text:
+            nodes[text].params["layers"] = layers
+    nodes[dit].params["compile"] = args.dit_compile
+    nodes[dit].params["attention"] = args.attention
+    if dec and args.decoder == "wan_vae":
+        nodes[dec].type, nodes[dec].params = "wan_vae_decoder", {"weights": "random"}
+    plan = build_plan(ls)
+    say(f"graph {plan.name}: random weights for {', '.join(changed)}; DiT layers {layers or 'all'}; "
+        f"hot path {plan.hot}, on change {plan.on_change}")
+    engine = Engine(plan, device=args.device, dtype=args.dtype, compile="eager", compile_backend=args.backend)
+    t = time.perf_counter()
+    engine.load(progress=say)
+    sync()
+    mem = f"; device memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB" if engine.device.type == "cuda" else ""
+    say(f"loaded in {time.perf_counter() - t:.1f}s; per node: "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in engine.load_times.items()) + mem)
+    return engine, dit, text, dec
+
+
+def time_text_encoder(engine, name: str | None) -> dict | None:
+    import torch
+
+    if name is None:
+        return None
+    node = engine.nodes[name]
+    ms = []
+    with torch.inference_mode():
+        for i in range(4):
+            sync()
+            t = time.perf_counter()
+            node.forward(f"a corgi running along a sunny beach, take {i}")
+            sync()
+            ms.append((time.perf_counter() - t) * 1000)
+    res = {"first_ms": ms[0], "ms": sorted(ms[1:])[1]}
+    say(f"UMT5 encode (on change, eager): first {ms[0]:.1f} ms, then {res['ms']:.1f} ms")
+    return res
+
+
+def dit_flops(engine, dit: str) -> dict:
+    """FLOPs of one block, first and rolling phase; exact for any depth from a 1- and a 2-layer count."""
+    from reactor_graph.nodes.wan_causal_dit import block_flops
+
+    p = engine.nodes[dit].params
+    node = engine.nodes[dit]
+    depth = node.cfg.num_layers
+    key = dict(config=p.config, latent_size=tuple(p.latent_size), frames_per_block=p.frames_per_block,
+               max_frames=p.max_frames, steps=node.num_steps)
+    one, two = block_flops(**key, layers=1), block_flops(**key, layers=2)
+    out = {k: one[k] + (depth - 1) * (two[k] - one[k]) for k in one}
+    say("DiT FLOPs per block: " + ", ".join(f"{k} {v / 1e12:.4g} TFLOP" for k, v in out.items()))
+    return out
+
+
+def summarize(mode: str, r: dict, steady_frames: int, floor_fpb: int, flops: dict | None,
+              all_rolling: bool) -> dict:
+    extra = {}
+    fps = r["fps"]
+    if floor_fpb and floor_fpb != steady_frames:
+        extra["fps_steady"] = fps * steady_frames / floor_fpb
+    else:
+        extra["fps_steady"] = fps
+    extra["fps_from_block_p50"] = steady_frames / (r["block_ms"]["p50"] / 1000)
+    if flops and all_rolling:  # the measured blocks are all in the rolling phase
+        rolling = next((v for k, v in flops.items() if k.startswith("block_rolling")), None)
+        if rolling:
+            extra["dit_tflops_per_s"] = rolling / (r["hot_path_ms"]["p50"] / 1000) / 1e12
+    say(f"== {mode} ({r['mode']}{': ' + r['note'] if r['note'] else ''})")
+    say(f"   block p50 {r['block_ms']['p50']:.1f} ms  p95 {r['block_ms']['p95']:.1f}  p99 {r['block_ms']['p99']:.1f}"
+        f"  | hot path p50 {r['hot_path_ms']['p50']:.1f} ms  | engine overhead {r['overhead_ms']:.2f} ms")
+    say(f"   frames/s sustained: {extra['fps_steady']:.1f} (12-frame blocks; run_bench's own figure "
+        f"{fps:.1f} uses {floor_fpb} frames a block); from block p50: {extra['fps_from_block_p50']:.1f}")
+    say(f"   time to first frame {r['ttff_s'] * 1000:.0f} ms | compile {r['compile_s']:.1f}s capture "
+        f"{r['capture_s']:.1f}s | graphs {r['graphs']} recompiles {r['recompiles']} | peak memory "
+        f"{(r['peak_memory_mb'] or 0) / 1024:.1f} GiB")
+    say("   per node p50 ms: " + ", ".join(f"{k} {v:.2f}" for k, v in r["nodes_ms"].items()))
+    if "dit_tflops_per_s" in extra:
+        say(f"   DiT throughput ~{extra['dit_tflops_per_s']:.4g} TFLOP/s (rolling block FLOPs / hot path p50)")
+    return extra
+
+
+def main() -> int:
+    args = parse()
+    sys.stdout.reconfigure(line_buffering=True)
+    import torch
+    import torch._dynamo
+
+    # Each phase key is compiled with its own backend closure, and Dynamo keeps at most `recompile_limit` (8)
+    # entries per code object: 8 phases in one compiled mode fit exactly, a second compiled mode in the same
+    # process would silently run eager. Room for several modes:
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
+
+    from reactor_graph.bench import run_bench
+
+    if not torch.cuda.is_available() and args.device.startswith("cuda"):
+        say("no CUDA device here; this bench is for the GPU machine")
+        return 2
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = None
+    try:
+        import transformers
+        trv = transformers.__version__
+    except ImportError:
+        trv = None
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    say(f"torch {torch.__version__}, triton {tv}, transformers {trv}, python {platform.python_version()}, {name}")
+    engine, dit, text, dec = build_engine(args)
+    text_ms = time_text_encoder(engine, text)
+    flops = None if args.no_flops else dit_flops(engine, dit)
+    dit_node = engine.nodes[dit]
+    steady = dit_node.params.frames_per_block * 4 if dec else dit_node.params.frames_per_block
+    report: dict = {"graph": args.graph, "args": vars(args), "device_name": name, "torch": torch.__version__,
+                    "triton": tv, "transformers": trv, "umt5_ms": text_ms, "dit_flops": flops,
+                    "dit_phases": dit_node.num_phases(), "modes": {}, "extra": {}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    status = 0
+    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        blocks = args.eager_blocks if mode == "eager" else args.blocks
+        say(f"--- {mode}: {args.warmup} warm-up + {blocks} measured blocks")
+        t = time.perf_counter()
+        try:
+            r = run_bench(engine, [mode], blocks=blocks, warmup=args.warmup, progress=say)
+        except Exception as exc:  # keep what the other modes measured; say where this one broke
+            traceback.print_exc()
+            report.setdefault("errors", {})[mode] = f"{type(exc).__name__}: {exc}"
+            out.write_text(json.dumps(report, indent=2))
+            say(f"{mode} failed after {time.perf_counter() - t:.0f}s: {type(exc).__name__}: {exc}")
+            status = 1
+            continue
+        m = r["modes"][mode]
+        floor_fpb = engine.stats.frames // max(engine.stats.blocks, 1)
+        report["modes"][mode] = m
+        all_rolling = dit_node.params.rolling and args.warmup >= dit_node.num_phases() - 1
+        report["extra"][mode] = summarize(mode, m, steady, floor_fpb, flops, all_rolling)
+        report["extra"][mode]["wall_s"] = time.perf_counter() - t
+        report["extra"][mode]["dit_region_compiles"] = dit_node.region_compiles
+        for k in ("schema", "device", "dtype", "frames_per_block"):
+            report[k] = r.get(k)
+        names = list(report["modes"])
+        report["ratios"] = {f"{a}/{b}": report["modes"][a]["block_ms"]["p50"] / report["modes"][b]["block_ms"]["p50"]
+                            for a in names for b in names if a != b}
+        out.write_text(json.dumps(report, indent=2))
+        say(f"wrote {out} ({mode} took {time.perf_counter() - t:.0f}s)")
+    for k, v in report.get("ratios", {}).items():
+        say(f"ratio {k}: {v:.2f}x (block p50)")
+    say("done" if status == 0 else "done, with errors")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

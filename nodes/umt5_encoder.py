@@ -1,0 +1,231 @@
+"""UMT5 text encoder (Wan2.1's umt5-xxl) as an on-change node: a prompt -> T5 features [max_tokens, dim].
+
+Built with `transformers` (UMT5EncoderModel) from a local config, never downloaded. `transformers` is optional: a
+graph using this node validates without it, and loading says how to install it.
+
+Params
+    config      "umt5-xxl" (built-in: Wan2.1's text encoder, d_model 4096, 24 layers), "tiny" (built-in, for
+                tests), or a local folder holding config.json (e.g. Wan2.1-T2V-1.3B-Diffusers/text_encoder) or a
+                JSON file.
+    weights     "random" (seeded N(0, 1/fan_in) init, directly on the device), a local folder in
+                `from_pretrained` layout (config.json + safetensors, sharded or not), or one file (safetensors or
+                torch) with Hugging Face key names or Wan's own (`models_t5_umt5-xxl-enc-bf16.pth`: token_embedding,
+                blocks.N.attn.q, ...; mapped to Hugging Face names on load).
+    tokenizer   a local tokenizer folder (AutoTokenizer; e.g. google/umt5-xxl's files), or none: the deterministic
+                hashing word tokenizer of the text_encoder node (same ids on every machine, no vocabulary; fine for
+                random weights and tests, meaningless for real weights).
+    max_tokens  512 (Wan's text_len); the prompt is cut there.
+
+Output: features of the prompt's tokens, zero after its last token (Wan trims the T5 output to the prompt's length
+and zero-pads it to 512 before the DiT's text embedding); in the graph's dtype.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from reactor_graph.node import Node, Port, register
+from reactor_graph.nodes.text_encoder import WordTokenizer
+from reactor_graph.weights import RANDOM, resolve_weights
+from reactor_graph.weights import read_state_dict, resolve
+
+PRESETS = {
+    # google/umt5-xxl encoder, as Wan2.1 uses it
+    "umt5-xxl": dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                     feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True,
+                     layer_norm_epsilon=1e-6, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1),
+    "tiny": dict(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                 relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                 feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True,
+                 layer_norm_epsilon=1e-6, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1),
+}
+
+_INSTALL = ("the umt5_encoder node needs the `transformers` package, which is not installed here: "
+            "pip install 'transformers>=4.40' (it is not a dependency of reactor-graph itself)")
+
+
+def read_config(config: str, root) -> dict:
+    if config in PRESETS:
+        return dict(PRESETS[config])
+    p = resolve(config, root)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.exists():
+        raise ValueError(f"config '{config}': {p} does not exist; use a preset ({', '.join(PRESETS)}) or a local "
+                         f"folder holding config.json")
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"config {p} is not readable JSON: {exc}") from None
+    if "d_model" not in cfg:
+        raise ValueError(f"config {p} is not a T5/UMT5 config (no d_model)")
+    return cfg
+
+
+_WAN_BLOCK = {
+    "norm1.weight": "layer.0.layer_norm.weight",
+    "attn.q.weight": "layer.0.SelfAttention.q.weight",
+    "attn.k.weight": "layer.0.SelfAttention.k.weight",
+    "attn.v.weight": "layer.0.SelfAttention.v.weight",
+    "attn.o.weight": "layer.0.SelfAttention.o.weight",
+    "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+    "norm2.weight": "layer.1.layer_norm.weight",
+    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
+    "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
+    "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
+}
+
+
+def hf_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face UMT5EncoderModel names for a state dict in HF or in Wan's own T5 naming."""
+    if "token_embedding.weight" not in sd:
+        return sd
+    out = {}
+    for k, v in sd.items():
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", k)
+        if k == "token_embedding.weight":
+            out["shared.weight"] = v
+        elif k == "norm.weight":
+            out["encoder.final_layer_norm.weight"] = v
+        elif m and m.group(2) in _WAN_BLOCK:
+            out[f"encoder.block.{m.group(1)}.{_WAN_BLOCK[m.group(2)]}"] = v
+        else:
+            out[k] = v  # reported as unexpected
+    return out
+
+
+@torch.no_grad()
+def init_random_t5_(model, cfg: dict, seed: int) -> None:
+    """N(0, 1/fan_in) weights (q further scaled by 1/sqrt(d_kv): T5 does not scale attention scores; outputs by
+    1/sqrt(2*layers)), unit norms, N(0, 1) embeddings: activations stay O(1) in bf16."""
+    g = None
+    layers = max(1, cfg["num_layers"])
+    for name, p in model.named_parameters():
+        if g is None:
+            g = torch.Generator(device=p.device).manual_seed(seed)
+        if name.endswith("layer_norm.weight"):
+            p.fill_(1.0)
+        elif name == "shared.weight":
+            p.normal_(0.0, 1.0, generator=g)
+        elif name.endswith("relative_attention_bias.weight"):
+            p.normal_(0.0, 0.5, generator=g)
+        else:
+            std = p.shape[1] ** -0.5
+            if name.endswith("SelfAttention.q.weight"):
+                std /= cfg["d_kv"] ** 0.5
+            elif name.endswith(("SelfAttention.o.weight", "DenseReluDense.wo.weight")):
+                std /= (2 * layers) ** 0.5
+            p.normal_(0.0, std, generator=g)
+
+
+@register("umt5_encoder")
+class UMT5Encoder(Node):
+    description = ("UMT5 text encoder (Wan2.1's umt5-xxl) via transformers: prompt -> T5 features [L, D], zero "
+                   "after the prompt's tokens; runs only when the prompt changes.")
+    accepts_random_weights = True
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        config: str = Field("umt5-xxl", description="'umt5-xxl', 'tiny', or a local config folder / JSON file")
+        weights: str = Field(RANDOM, description="'random', a local from_pretrained folder, or a safetensors/torch "
+                                                 "file (HF or Wan key names)")
+        tokenizer: str | None = Field(None, description="local tokenizer folder; none: hashing word tokenizer")
+        max_tokens: int = Field(512, ge=1, le=4096, description="tokens kept (Wan: 512)")
+        dim: int | None = Field(None, description="feature width; must equal the config's d_model (4096)")
+        layers: int | None = Field(None, ge=1, le=64, description="fewer layers (random weights only; smoke tests)")
+        seed: int = Field(0, description="seed of random weights (added to the graph's seed)")
+
+    inputs = {"text": Port("str", description="the prompt")}
+
+    def __init__(self, name, params, graph):
+        super().__init__(name, params, graph)
+        p = params
+        self.config = read_config(p.config, graph.root)
+        if p.layers is not None:
+            if p.weights != RANDOM:
+                raise ValueError("layers can only be changed with `weights: random` (a checkpoint fixes the depth)")
+            self.config["num_layers"] = p.layers
+        d = self.config["d_model"]
+        if p.dim is not None and p.dim != d:
+            raise ValueError(f"dim is {p.dim} but the config's d_model is {d}")
+        self.dim = d
+        self.tokenizer = None
+        self.word_tokenizer = WordTokenizer(self.config["vocab_size"], p.max_tokens)
+
+    def ports(self):
+        return dict(self.inputs), {"embeds": Port("tensor", "float", (self.params.max_tokens, self.dim),
+                                                  "T5 features [L, D], zeros after the prompt's tokens")}
+
+    def load(self, device, dtype):
+        super().load(device, dtype)
+        try:
+            from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+        except ImportError as exc:
+            raise RuntimeError(f"{_INSTALL} ({exc})") from None
+        p = self.params
+        cfg = {k: v for k, v in self.config.items() if k not in ("architectures", "transformers_version")}
+        config = UMT5Config(**{**cfg, "is_encoder_decoder": False, "use_cache": False})
+        if p.weights != RANDOM and resolve(p.weights, self.graph.root).is_dir():
+            folder = resolve(p.weights, self.graph.root)
+            model = UMT5EncoderModel.from_pretrained(str(folder), config=config, dtype=dtype, local_files_only=True)
+            model.to(device=device, dtype=dtype)  # older transformers take torch_dtype, not dtype
+        else:
+            with torch.device("meta"):
+                model = UMT5EncoderModel(config)
+            model.to(dtype)
+            if p.weights == RANDOM:
+                model.to_empty(device=device)
+                model.encoder.embed_tokens.weight = model.shared.weight  # to_empty unties them
+                init_random_t5_(model, self.config, self.graph.seed + p.seed)
+            else:
+                self._load_file(model, resolve_weights(p.weights, self.graph.root, "UMT5"))
+                model.to(device)
+        self.model = model.eval().requires_grad_(False)
+        if p.tokenizer:
+            folder = resolve(p.tokenizer, self.graph.root)
+            if not folder.exists():
+                raise FileNotFoundError(f"tokenizer folder {folder} does not exist (tokenizers are read from local "
+                                        f"files only; leave `tokenizer` out for the built-in word tokenizer)")
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+    @staticmethod
+    def _load_file(model, path: Path) -> None:
+        sd = hf_keys(read_state_dict(path))
+        if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
+            sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
+        sd.pop("encoder.embed_tokens.weight", None)
+        want = {k: v for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+        missing = sorted(set(want) - set(sd))
+        unexpected = sorted(set(sd) - set(want))
+        bad = [f"{k} {list(sd[k].shape)} vs {list(want[k].shape)}" for k in want
+               if k in sd and sd[k].shape != want[k].shape]
+        if missing or unexpected or bad:
+            def few(keys):
+                return ", ".join(keys[:6]) + (f" ... ({len(keys)} in all)" if len(keys) > 6 else "") or "none"
+
+            raise ValueError(f"UMT5 weights {path} do not fit the config: missing keys: {few(missing)}; unexpected "
+                             f"keys: {few(unexpected)}; shape mismatches: {few(bad)}")
+        model.load_state_dict({k: sd[k].to(want[k].dtype) for k in want}, strict=False, assign=True)
+        model.encoder.embed_tokens.weight = model.shared.weight
+
+    def tokenize(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids, attention mask [1, max_tokens] (long)."""
+        text = " ".join(text.split())  # Wan's whitespace clean-up
+        if self.tokenizer is None:
+            ids = self.word_tokenizer(text)[None]
+            return ids, (ids != 0).long()
+        enc = self.tokenizer(text, max_length=self.params.max_tokens, truncation=True, padding="max_length",
+                             add_special_tokens=True, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    def forward(self, text: str):
+        ids, mask = self.tokenize(text)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with torch.no_grad():
+            h = self.model(input_ids=ids, attention_mask=mask).last_hidden_state[0]
+        return {"embeds": (h * mask[0, :, None].to(h.dtype)).to(self.dtype)}

@@ -1,0 +1,327 @@
+"""Wan2.1 block-causal few-step DiT (Self-Forcing / CausVid / LongLive) as a hot-path node.
+
+Wraps `reactor_graph.models.wan_dit` (WanDiT + KVCache + FlowMatchSchedule + BlockCausalWan): every block it
+denoises `frames_per_block` latent frames in `steps` flow-matching steps against the KV cache of earlier blocks,
+then writes the clean block's keys/values into the cache.
+
+Ports
+    cond    [L, text_dim]      T5 features of the prompt (umt5_encoder), L <= the config's text_len (512);
+                               shorter inputs are zero-padded as Wan pads them.
+    noise   [C, S*T, h, w]     with `noise: per_step` (default): S = steps noise blocks side by side along time;
+                               chunk 0 is x_T, chunk i re-noises the x0 prediction to step i (Self-Forcing draws
+                               fresh noise at every step). A plain `noise` node of shape [16, S*T, h, w] feeds it.
+            [C, T, h, w]       with `noise: once`: one noise block, reused to re-noise at every step.
+    latents [C, T, h, w]       the clean block (x0), in the graph's dtype, at a fixed address.
+
+Phases
+    From the cache: max_frames / frames_per_block filling phases, then (rolling) one rolling phase for every
+    later block; Self-Forcing's 21-frame cache with 3-frame blocks has 7 + 1 = 8. Without rolling the node is
+    finite (`max_blocks` = the cache's blocks) and the loop restarts the sequence after it, like the 5 s clips
+    Self-Forcing was trained on.
+
+Text cross-attention
+    The prompt's cross-attention keys/values (text_embedding + 30 layers of k/v projections over 512 tokens) are
+    computed inside the hot path, once per block (`BlockCausalWan.generate_block(context=...)` writes them into
+    the cache's `cross` buffer, then the 5 forward passes of the block read them). At the 1.3B size that is
+    0.154 TFLOP per block against 80 TFLOP (first block) to 201 TFLOP (rolling, 21-frame cache) for the
+    block's five DiT passes at 480x832: 0.08-0.2 % (FlopCounterMode on the meta device, `block_flops()` below).
+    Caching them per prompt is not worth a second on-change node and a 94 MB static buffer copy; the text
+    features arrive in the engine's static buffer and a new prompt is visible in the next block, no recompile.
+    LongLive's prompt-switch KV re-cache (re-encoding the cached window with the new prompt) is NOT done: the
+    self-attention cache keeps the keys/values computed under the old prompt; only cross-attention switches.
+
+Compilation
+    `compile: regional` (default). The engine compiles (torch.compile) and CUDA-graph captures whole hot paths;
+    traced whole, this node is 5 passes x 30 layers unrolled per phase, and every phase (8) is traced again:
+    many minutes of inductor time at the 1.3B size. So, when the engine traces it, the node hides its body from
+    the engine's trace (`torch.compiler.disable`: one graph break) and compiles its repeated pieces itself,
+    once each: a layer's pre-attention (`WanBlock.qkv`) and post-attention (`WanBlock.finish`) parts, and the
+    RoPE re-rotation of the rolling cache. Their shapes do not depend on the phase (attention, whose key length
+    does, runs between them as one SDPA call), so they compile once for all 30 layers and all phases. The
+    engine's CUDA graph then captures the whole block as usual. `region_compiles` counts those compilations.
+    `compile: whole` lets the engine trace the node like any other (fine for the tiny config).
+    `compile_backend`: the backend of the regional compiles (default inductor on CUDA, aot_eager elsewhere).
+    In `eager` engine mode neither applies: the node runs the plain model.
+
+Weights
+    `weights: random` (the shipped graphs' default) initialises with `init_random_` (seeded by `seed` plus the
+    graph's seed), directly on the device. Otherwise a local file: a Wan2.1 / CausVid / Self-Forcing / LongLive
+    checkpoint (safetensors or torch; wrappers such as `generator_ema` and prefixes such as `model.` are handled by
+    `load_wan_state_dict`, EMA preferred unless `prefer_ema: false`), or a folder holding Wan's
+    `diffusion_pytorch_model.safetensors`. Relative paths resolve against the graph file's folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from reactor_graph.node import Node, Port, register
+from reactor_graph.weights import RANDOM, resolve, resolve_weights, use_random_weights  # noqa: F401 - re-exported
+
+log = logging.getLogger("reactor_graph")
+
+CONFIGS = ("1.3b", "14b", "tiny")
+
+
+def wan_config(name: str, layers: int | None = None):
+    from reactor_graph.models.wan_dit import WanConfig
+
+    cfg = {"1.3b": WanConfig.wan_1_3b, "14b": WanConfig.wan_14b, "tiny": WanConfig.tiny}[name]()
+    return dataclasses.replace(cfg, num_layers=layers) if layers else cfg
+
+
+_SDPA = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+
+
+@register("wan_causal_dit")
+class WanCausalDiT(Node):
+    description = ("Wan2.1 block-causal few-step DiT with a static KV cache (Self-Forcing, CausVid, LongLive): "
+                   "T5 features + noise -> one clean latent block [16, T, h, w] per block.")
+    every_block = True
+    accepts_random_weights = True
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        config: Literal["1.3b", "14b", "tiny"] = Field("1.3b", description="Wan2.1 size preset")
+        layers: int | None = Field(None, ge=1, le=64, description="fewer layers (random weights only; smoke tests)")
+        frames_per_block: int = Field(3, ge=1, le=32, description="latent frames generated per block")
+        latent_size: tuple[int, int] = Field((60, 104), description="latent height, width (frame size / 8)")
+        steps: int | None = Field(None, ge=1, le=50, description="denoising steps (default: len(timesteps) or 4)")
+        timesteps: list[float] | None = Field(None, description="denoising timesteps, e.g. 1000, 750, 500, 250 "
+                                                                "(default: evenly spaced from 1000)")
+        shift: float = Field(5.0, gt=0, description="flow-matching schedule shift")
+        warp: bool = Field(True, description="Self-Forcing's warp_denoising_step mapping of timesteps")
+        max_frames: int = Field(21, ge=1, description="KV cache capacity in latent frames (Self-Forcing: 21)")
+        sink_frames: int = Field(0, ge=0, description="frames kept at the front when the cache rolls (LongLive)")
+        rolling: bool = Field(True, description="roll the cache when full (endless video); else the sequence "
+                                                "restarts after max_frames")
+        context_noise: float = Field(0.0, ge=0, le=1000, description="timestep of the cache-writing pass")
+        noise: Literal["per_step", "once"] = Field("per_step", description="per_step: noise of shape (C, steps*T, "
+                                                   "h, w), fresh per step; once: (C, T, h, w), reused")
+        weights: str = Field(RANDOM, description="'random', or a local Wan/Self-Forcing/CausVid/LongLive "
+                                                 "checkpoint (safetensors or torch file)")
+        seed: int = Field(0, description="seed of random weights (added to the graph's seed)")
+        prefer_ema: bool = Field(True, description="take generator_ema from training checkpoints when present")
+        attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
+            "auto", description="SDPA backend (auto: PyTorch's choice)")
+        compile: Literal["regional", "whole"] = Field(
+            "regional", description="how compiled engine modes compile this node (see the module docstring)")
+        compile_backend: str | None = Field(None, description="backend of regional compiles "
+                                                              "(default: inductor on CUDA, aot_eager elsewhere)")
+
+        @model_validator(mode="after")
+        def _steps(self):
+            if self.timesteps is not None:
+                if not self.timesteps:
+                    raise ValueError("timesteps must not be empty")
+                if self.steps is not None and self.steps != len(self.timesteps):
+                    raise ValueError(f"steps is {self.steps} but timesteps has {len(self.timesteps)} entries")
+            return self
+
+    def __init__(self, name, params, graph):
+        super().__init__(name, params, graph)
+        p = params
+        if p.layers is not None and p.weights != RANDOM:
+            raise ValueError("layers can only be changed with `weights: random` (a checkpoint fixes the depth)")
+        self.cfg = wan_config(p.config, p.layers)
+        _, ph, pw = self.cfg.patch_size
+        if p.latent_size[0] % ph or p.latent_size[1] % pw:
+            raise ValueError(f"latent_size {list(p.latent_size)} must be a multiple of the patch ({ph}, {pw})")
+        if p.max_frames % p.frames_per_block:
+            raise ValueError(f"max_frames ({p.max_frames}) must be a multiple of frames_per_block "
+                             f"({p.frames_per_block})")
+        if p.rolling and p.sink_frames > p.max_frames - p.frames_per_block:
+            raise ValueError(f"sink_frames ({p.sink_frames}) must leave room for a block: at most "
+                             f"{p.max_frames - p.frames_per_block}")
+        self.timesteps = tuple(p.timesteps) if p.timesteps else tuple(
+            1000.0 * (1 - i / (p.steps or 4)) for i in range(p.steps or 4))
+        self.num_steps = len(self.timesteps)
+        self.cache_blocks = p.max_frames // p.frames_per_block
+        self.region_compiles = 0
+        self._regional = False  # True while the regional (compiled-pieces) path runs
+        self._regions_ready = False
+
+    # -- declaration --------------------------------------------------------------------------------
+    def ports(self):
+        p, c = self.params, self.cfg
+        t = p.frames_per_block
+        nt = t * self.num_steps if p.noise == "per_step" else t
+        desc = (f"noise [C, {self.num_steps}*T, h, w]: chunk i along time re-noises step i"
+                if p.noise == "per_step" else "noise [C, T, h, w]")
+        return (
+            {"cond": Port("tensor", "float", ("L", c.text_dim), f"T5 features [L <= {c.text_len}, {c.text_dim}]"),
+             "noise": Port("tensor", "float", (c.in_dim, nt, *p.latent_size), desc)},
+            {"latents": Port("tensor", "float", (c.out_dim, t, *p.latent_size), "clean latent block [C, T, h, w]")},
+        )
+
+    def num_phases(self) -> int:
+        return self.cache_blocks + (1 if self.params.rolling else 0)
+
+    def phase_for_block(self, block: int) -> int:
+        return min(block, self.cache_blocks if self.params.rolling else self.cache_blocks - 1)
+
+    def max_blocks(self) -> int | None:
+        return None if self.params.rolling else self.cache_blocks
+
+    # -- life cycle -----------------------------------------------------------------------------------
+    def load(self, device, dtype):
+        super().load(device, dtype)
+        from reactor_graph.models.wan_dit import (BlockCausalWan, FlowMatchSchedule, KVCache, WanDiT,
+                                                   init_random_, load_wan_state_dict)
+
+        p, cfg = self.params, self.cfg
+        with torch.device("meta"):
+            model = WanDiT(cfg).to(dtype)
+        if p.weights == RANDOM:
+            model.to_empty(device=device)
+            init_random_(model, seed=self.graph.seed + p.seed)
+        else:
+            path = resolve_weights(p.weights, self.graph.root, "Wan DiT", "diffusion_pytorch_model.safetensors")
+            load_wan_state_dict(model, path, strict=True, prefer_ema=p.prefer_ema)
+            model.to(device)
+        self.model = model.eval().requires_grad_(False)
+        self.cache = KVCache(cfg, batch_size=1, latent_hw=tuple(p.latent_size), max_frames=p.max_frames,
+                             frames_per_block=p.frames_per_block, sink_frames=p.sink_frames, rolling=p.rolling,
+                             dtype=dtype, device=device)
+        schedule = FlowMatchSchedule(denoising_steps=self.timesteps, shift=p.shift, warp=p.warp)
+        self.gen = BlockCausalWan(self.model, self.cache, schedule, context_noise=p.context_noise)
+        self.phases = self.cache.phases()
+        assert len(self.phases) == self.num_phases(), (len(self.phases), self.num_phases())
+        self.out = torch.zeros(1, cfg.out_dim, p.frames_per_block, *p.latent_size, device=device, dtype=dtype)
+
+    def reset(self):
+        self.cache.reset_()
+
+    # -- per block --------------------------------------------------------------------------------------
+    def forward(self, cond, noise):
+        if self.params.compile == "regional" and torch.compiler.is_compiling():
+            return {"latents": self._generate_regional(cond, noise, self.phase)}
+        return {"latents": self._generate(cond, noise, self.phase)}
+
+    def _step_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        if self.params.noise == "once":
+            return noise[None]  # [1, C, T, h, w]: reused for every step
+        c, _, h, w = noise.shape
+        # [C, S*T, h, w] -> [S, 1, C, T, h, w] (a view)
+        return noise.view(c, self.num_steps, self.params.frames_per_block, h, w).permute(1, 0, 2, 3, 4)[:, None]
+
+    def _attention(self):
+        if self.params.attention == "auto":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([getattr(SDPBackend, _SDPA[self.params.attention])])
+
+    def _generate(self, cond: torch.Tensor, noise: torch.Tensor, phase: int) -> torch.Tensor:
+        if cond.shape[0] > self.cfg.text_len:
+            raise ValueError(f"cond has {cond.shape[0]} tokens; this model takes at most {self.cfg.text_len}")
+        with self._attention():
+            self.gen.generate_block(self._step_noise(noise), cond[None], self.phases[phase], out=self.out)
+        return self.out[0]
+
+    @torch.compiler.disable
+    def _generate_regional(self, cond, noise, phase: int) -> torch.Tensor:
+        """The block with the layers' repeated pieces compiled by the node itself (see the module docstring)."""
+        if not self._regions_ready:
+            self._install_regions()
+        self._regional = True
+        try:
+            return self._generate(cond, noise, phase)
+        finally:
+            self._regional = False
+
+    # -- regional compilation -----------------------------------------------------------------------------
+    def _region_backend(self):
+        from torch._dynamo.backends.registry import lookup_backend
+
+        name = self.params.compile_backend or ("inductor" if self.device.type == "cuda" else "aot_eager")
+        inner = lookup_backend(name)
+
+        def counting(gm, example_inputs):
+            self.region_compiles += 1
+            return inner(gm, example_inputs)
+
+        return counting
+
+    def _install_regions(self) -> None:
+        """Route each layer's qkv/finish and the cache's roll through compiled functions while `_regional`.
+
+        The compiled functions are shared by all layers (the layer is an argument; its parameters are graph
+        inputs), so each compiles once. Outside the regional path the plain methods run."""
+        from reactor_graph.models.wan_dit import KVCache, WanBlock, apply_rope
+
+        backend = self._region_backend()
+        qkv = torch.compile(WanBlock.qkv, backend=backend, dynamic=False)
+        finish = torch.compile(WanBlock.finish, backend=backend, dynamic=False)
+        self._rope = torch.compile(apply_rope, backend=backend, dynamic=False)
+
+        def route(compiled, plain, blk):
+            def call(*args, **kw):
+                return (compiled if self._regional else plain)(blk, *args, **kw)
+            return call
+
+        for blk in self.model.blocks:
+            blk.qkv = route(qkv, WanBlock.qkv, blk)
+            blk.finish = route(finish, WanBlock.finish, blk)
+        cache = self.cache
+        cache.roll_ = lambda: self._roll_regional() if self._regional else KVCache.roll_(cache)
+        self._regions_ready = True
+
+    @torch.no_grad()
+    def _roll_regional(self) -> None:
+        """KVCache.roll_ (same chunks, same order) with the keys' re-rotation compiled: one fused kernel per
+        chunk instead of a float32 round trip through several."""
+        c = self.cache
+        n = c.tokens_per_frame
+        shift = c.frames_per_block * n
+        dst0, src0 = c.sink_frames * n, (c.sink_frames + c.frames_per_block) * n
+        length = c.max_tokens - src0
+        for layer in range(c.kv.shape[0]):
+            k, v = c.kv[layer, 0], c.kv[layer, 1]
+            pos = 0
+            while pos < length:
+                cnt = min(shift, length - pos)
+                s, d = src0 + pos, dst0 + pos
+                k[:, d:d + cnt].copy_(self._rope(k[:, s:s + cnt], c.shift_cos.expand(cnt, -1),
+                                                 c.shift_sin.expand(cnt, -1)))
+                v[:, d:d + cnt].copy_(v[:, s:s + cnt])
+                pos += cnt
+
+
+@functools.lru_cache(maxsize=8)
+def block_flops(config: str = "1.3b", latent_size: tuple[int, int] = (60, 104), frames_per_block: int = 3,
+                max_frames: int = 21, steps: int = 4, text_len: int | None = None,
+                layers: int | None = None) -> dict[str, float]:
+    """FLOPs (FlopCounterMode, on the meta device: nothing is allocated) of one block in the first and in the
+    last (fullest) phase, and of the per-block text cross-attention K/V. For benches and the design notes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from reactor_graph.models.wan_dit import BlockCausalWan, FlowMatchSchedule, KVCache, WanDiT
+
+    cfg = wan_config(config, layers)
+    dev = torch.device("meta")
+    with dev:
+        model = WanDiT(cfg).to(torch.bfloat16)
+    cache = KVCache(cfg, batch_size=1, latent_hw=latent_size, max_frames=max_frames,
+                    frames_per_block=frames_per_block, rolling=True, dtype=torch.bfloat16, device=dev)
+    sched = FlowMatchSchedule(tuple(1000.0 * (1 - i / steps) for i in range(steps)))
+    gen = BlockCausalWan(model, cache, sched)
+    ctx = torch.empty(1, text_len or cfg.text_len, cfg.text_dim, device=dev, dtype=torch.bfloat16)
+    noise = torch.empty(steps, 1, cfg.in_dim, frames_per_block, *latent_size, device=dev, dtype=torch.bfloat16)
+    out = {}
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as fc:
+            gen.set_context(ctx)
+        out["cross_kv"] = float(fc.get_total_flops())
+        for ph in (gen.phases()[0], gen.phases()[-1]):
+            with FlopCounterMode(display=False) as fc:
+                gen.generate_block(noise, None, ph)
+            out[f"block_{ph.name}"] = float(fc.get_total_flops())
+    return out

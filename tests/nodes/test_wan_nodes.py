@@ -1,0 +1,267 @@
+"""Wan model families as nodes: the shipped graphs validate, the tiny graph streams with the right frame counts,
+compiled equals eager with no recompiles, phases are bounded, weights errors name the path, UMT5 (if installed)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reactor_graph.compile import CompiledHotPath, phase_keys
+from reactor_graph.errors import GraphError, NodeError
+from reactor_graph.loop import Engine
+from reactor_graph.plan import build_plan, load_plan
+from reactor_graph.spec import load_spec
+
+GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
+TINY = (GRAPHS / "wan_tiny.yaml").read_text()
+
+
+def tiny_text(**replace: str) -> str:
+    text = TINY
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+def run(engine: Engine, blocks: int, change_at: int | None = None) -> list[np.ndarray]:
+    out = []
+
+    def on_block(b):
+        out.append(b.video().astype(np.int16))
+        if b.index == change_at:
+            engine.submit("set_prompt", {"prompt": "a blue square moving right"})
+
+    res = engine.run_session(on_block, max_blocks=blocks)
+    assert res.ok, res.error
+    return out
+
+
+def test_shipped_graphs_validate_with_bounded_phases():
+    sf = load_plan(GRAPHS / "self_forcing.yaml")
+    assert sf.on_change == ["text"] and sf.hot == ["noise", "dit", "decode", "out"]
+    assert sf.nodes["dit"].num_phases() == 8 and sf.nodes["decode"].num_phases() == 2
+    assert len(phase_keys(Engine(sf, device="cpu"))) == 8  # 7 filling blocks + 1 rolling: 8 captured graphs
+    ll = load_plan(GRAPHS / "longlive.yaml")
+    assert ll.nodes["dit"].num_phases() == 5 and len(phase_keys(Engine(ll, device="cpu"))) == 5
+    tiny = load_plan(GRAPHS / "wan_tiny.yaml")
+    assert len(phase_keys(Engine(tiny, device="cpu"))) == 4
+
+
+def test_shape_mismatch_between_size_and_latents_is_reported(write_graph):
+    text = (GRAPHS / "self_forcing.yaml").read_text().replace("size: [480, 832]", "size: [512, 512]")
+    with pytest.raises(GraphError) as err:
+        load_plan(write_graph(text))
+    assert "decode" in str(err.value) and "latents" in str(err.value)
+
+
+def test_phases_bounded_and_non_rolling_cache_is_finite(write_graph):
+    dit = load_plan(GRAPHS / "self_forcing.yaml").nodes["dit"]
+    assert {dit.phase_for_block(b) for b in range(200)} == set(range(8)) and dit.max_blocks() is None
+    plan = load_plan(write_graph(tiny_text(**{"rolling: true": "rolling: false"})))
+    dit, dec = plan.nodes["dit"], plan.nodes["decode"]
+    assert dit.num_phases() == 3 and dit.max_blocks() == 3
+    assert [dit.phase_for_block(b) for b in range(5)] == [0, 1, 2, 2, 2]
+    assert [dec.phase_for_block(b) for b in range(3)] == [0, 1, 1]
+    engine = Engine(plan, device="cpu").load()
+    assert [b.shape[0] for b in run(engine, 4)] == [9, 12, 12, 9]  # after 3 blocks the sequence restarts
+
+
+@pytest.mark.parametrize("decoder", ["taehv", "wan_vae"])
+def test_tiny_graph_streams_with_first_block_shorter(write_graph, decoder):
+    text = TINY if decoder == "taehv" else tiny_text(**{
+        "type: taehv_decoder\n    params: {channels: [16, 8, 8, 8], weights: random}":
+        "type: wan_vae_decoder\n    params: {dim: 4, weights: random}"})
+    engine = Engine(load_plan(write_graph(text)), device="cpu").load()
+    n = 4 if decoder == "taehv" else 2  # block 3 runs the rolling phase (3 cached blocks, a 3-frame sink)
+    blocks = run(engine, n)
+    assert [b.shape for b in blocks] == [(9, 96, 64)] + [(12, 96, 64)] * (n - 1)  # yuv420p [T, H*3/2, W]
+    assert engine.stats.frames == 9 + (n - 1) * 12
+    if decoder == "taehv":
+        again = run(engine, 2)  # a new session starts from phase 0 again: the same frames
+        assert np.array_equal(again[0], blocks[0]) and np.array_equal(again[1], blocks[1])
+
+
+def test_compiled_equals_eager_without_recompiles_across_a_prompt_change(write_graph):
+    # phases: 2 filling + rolling; the roll keeps 1 sink frame and moves 2 (a chunk shorter than a block)
+    old, new = "max_frames: 9,\n             sink_frames: 3", "max_frames: 6,\n             sink_frames: 1"
+    path = write_graph(tiny_text(**{old: new}))
+    eager = run(Engine(load_plan(path), device="cpu").load(), 4, change_at=1)
+    engine = Engine(load_plan(path), device="cpu", compile="compile", compile_backend="aot_eager").load()
+    ex, dit = engine.executor, engine.nodes["dit"]
+    assert isinstance(ex, CompiledHotPath) and ex.prologue == ["noise"] and len(ex.states) == 3
+    at_start, regions = dict(ex.compiles), dit.region_compiles
+    assert regions == 3  # qkv, finish, rope: once each for all layers and all phases
+    compiled = run(engine, 4, change_at=1)  # blocks 2 and 3 roll the cache
+    assert ex.recompiles == 0 and ex.compiles == at_start and dit.region_compiles == regions
+    for a, b in zip(eager, compiled, strict=True):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cudagraph_matches_eager_on_gpu(write_graph):
+    path = write_graph(TINY)
+    eager = run(Engine(load_plan(path), device="cuda", dtype="float32", compile="eager").load(), 5, change_at=1)
+    engine = Engine(load_plan(path), device="cuda", dtype="float32", compile="cudagraph").load()
+    ex = engine.executor
+    assert len(ex.graphs) == 4 and engine.nodes["dit"].region_compiles == 3
+    graphed = run(engine, 5, change_at=1)
+    assert ex.recompiles == 0 and ex.replays == 5 and engine.nodes["dit"].region_compiles == 3
+    for a, b in zip(eager, graphed, strict=True):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 4 and np.abs(a - b).mean() < 0.5
+
+
+def test_node_output_is_the_models_block_with_per_step_noise():
+    from reactor_graph.models.wan_dit import BlockCausalWan, FlowMatchSchedule, KVCache
+
+    plan = load_plan(GRAPHS / "wan_tiny.yaml")
+    node = plan.nodes["dit"]
+    node.load(torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(0)
+    cond = torch.randn(8, 32, generator=g)
+    noise = [torch.randn(16, 12, 8, 8, generator=g) for _ in range(4)]
+    cache = KVCache(node.cfg, batch_size=1, latent_hw=(8, 8), max_frames=9, frames_per_block=3, sink_frames=3,
+                    dtype=torch.float32)
+    ref = BlockCausalWan(node.model, cache, FlowMatchSchedule((1000.0, 750.0, 500.0, 250.0)))
+    node.reset()
+    with torch.inference_mode():
+        for b in range(4):
+            node.phase = node.phase_for_block(b)
+            got = node.forward(cond, noise[b])["latents"].clone()
+            steps = torch.stack(noise[b].split(3, dim=1))[:, None]  # [S, 1, C, T, h, w]
+            want = ref.generate_block(steps, cond[None], ref.phase_for_block(b))[0]
+            assert torch.allclose(got, want, atol=1e-5), (b, (got - want).abs().max())
+
+
+@pytest.mark.parametrize("node_type,params", [
+    ("wan_causal_dit", "{config: tiny, latent_size: [8, 8], max_frames: 9, weights: missing/dit.pt}"),
+    ("taehv_decoder", "{weights: missing/taew2_1.pth}"),
+    ("wan_vae_decoder", "{weights: missing/Wan2.1_VAE.pth}"),
+])
+def test_missing_weights_file_fails_load_naming_the_path(write_graph, tmp_path, node_type, params):
+    old = {"wan_causal_dit": "{config: tiny, weights: random, frames_per_block: 3, latent_size: [8, 8], steps: 4, "
+                             "max_frames: 9,\n             sink_frames: 3, rolling: true}",
+           "taehv_decoder": "{channels: [16, 8, 8, 8], weights: random}",
+           "wan_vae_decoder": "{channels: [16, 8, 8, 8], weights: random}"}[node_type]
+    text = tiny_text(**{old: params}) if node_type != "wan_vae_decoder" else tiny_text(**{
+        "type: taehv_decoder\n    params: {channels: [16, 8, 8, 8], weights: random}":
+        f"type: wan_vae_decoder\n    params: {params}"})
+    plan = load_plan(write_graph(text))  # validation does not need the file
+    with pytest.raises(NodeError) as err:
+        Engine(plan, device="cpu").load()
+    msg = str(err.value)
+    assert str(tmp_path / "missing") in msg and "does not exist" in msg and "weights: random" in msg
+
+
+def test_random_weights_override(write_graph):
+    from reactor_graph.weights import use_random_weights
+
+    text = tiny_text(**{"params: {dim: 32, max_tokens: 8, heads: 2}":
+                        "params: {dim: 32, max_tokens: 8, heads: 2, weights: te.safetensors}",
+                        "{channels: [16, 8, 8, 8], weights: random}": "{channels: [16, 8, 8, 8], weights: x.pth}"})
+    ls = load_spec(write_graph(text))
+    assert sorted(use_random_weights(ls)) == ["decode", "dit", "text"]
+    assert ls.spec.nodes["decode"].params["weights"] == "random" and "weights" not in ls.spec.nodes["text"].params
+    build_plan(ls)
+
+
+def test_cross_attention_kv_is_a_small_part_of_a_block():
+    from reactor_graph.nodes.wan_causal_dit import block_flops
+
+    f = block_flops("tiny", (8, 8), 3, 9, 4)
+    assert 0 < f["cross_kv"] < 0.05 * f["block_fill0@0"] < f["block_rolling@6"]
+
+
+# ------------------------------------------------------------------------------------------------ UMT5
+UMT5_TEXT = "type: umt5_encoder\n    params: {config: tiny, max_tokens: 8}"
+
+
+def test_umt5_graph_validates_without_transformers_and_load_says_how(write_graph, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as if not installed
+    text = tiny_text(**{"type: text_encoder      # installed, `{type: umt5_encoder, params: {config: tiny, "
+                        "max_tokens: 8}}` fits too\n    params: {dim: 32, max_tokens: 8, heads: 2}": UMT5_TEXT})
+    plan = load_plan(write_graph(text))
+    assert plan.nodes["text"].ports()[1]["embeds"].shape == (8, 32)
+    with pytest.raises(NodeError) as err:
+        Engine(plan, device="cpu").load()
+    assert "transformers" in str(err.value) and "pip install" in str(err.value)
+
+
+def test_umt5_tiny_runs_in_the_graph(write_graph):
+    pytest.importorskip("transformers")
+    text = tiny_text(**{"type: text_encoder      # installed, `{type: umt5_encoder, params: {config: tiny, "
+                        "max_tokens: 8}}` fits too\n    params: {dim: 32, max_tokens: 8, heads: 2}": UMT5_TEXT})
+    engine = Engine(load_plan(write_graph(text)), device="cpu").load()
+    enc = engine.nodes["text"]
+    a, b = enc.forward("a red circle")["embeds"], enc.forward("a blue square moving right")["embeds"]
+    assert a.shape == (8, 32) and torch.isfinite(a).all()
+    assert a[:3].abs().sum(-1).min() > 0 and a[3:].abs().sum() == 0  # zero after the prompt's 3 tokens
+    assert not torch.allclose(a[:3], b[:3])
+    blocks = run(engine, 2, change_at=0)
+    assert [x.shape[0] for x in blocks] == [9, 12] and engine.stats.on_change_runs["text"] == 2
+
+
+def test_umt5_loads_hf_and_wan_named_files(tmp_path, write_graph):
+    pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    from reactor_graph.node import GraphInfo
+    from reactor_graph.nodes.umt5_encoder import _WAN_BLOCK, UMT5Encoder
+
+    info = GraphInfo(64, 64, 16, root=tmp_path)
+    src = UMT5Encoder("t", UMT5Encoder.Params(config="tiny", max_tokens=8, seed=3), info)
+    src.load(torch.device("cpu"), torch.float32)
+    want = src.forward("hello brave new world")["embeds"]
+    hf = {k: v.clone() for k, v in src.model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    inverse = {v: k for k, v in _WAN_BLOCK.items()}
+    wan = {}
+    for k, v in hf.items():
+        if k == "shared.weight":
+            wan["token_embedding.weight"] = v
+        elif k == "encoder.final_layer_norm.weight":
+            wan["norm.weight"] = v
+        else:
+            i, rest = k.removeprefix("encoder.block.").split(".", 1)
+            wan[f"blocks.{i}.{inverse[rest]}"] = v
+    for name, sd in (("hf.safetensors", hf), ("wan.pth", wan)):
+        (save_file(sd, str(tmp_path / name)) if name.endswith("safetensors") else torch.save(sd, tmp_path / name))
+        node = UMT5Encoder("t", UMT5Encoder.Params(config="tiny", max_tokens=8, weights=name), info)
+        node.load(torch.device("cpu"), torch.float32)
+        assert torch.allclose(node.forward("hello brave new world")["embeds"], want, atol=1e-6), name
+    src.model.save_pretrained(str(tmp_path / "folder"))  # from_pretrained layout
+    node = UMT5Encoder("t", UMT5Encoder.Params(config=str(tmp_path / "folder"), max_tokens=8, weights="folder"), info)
+    node.load(torch.device("cpu"), torch.float32)
+    assert torch.allclose(node.forward("hello brave new world")["embeds"], want, atol=1e-6)
+    bad = UMT5Encoder("t", UMT5Encoder.Params(config="tiny", max_tokens=8, weights="nope.pth"), info)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope.pth")):
+        bad.load(torch.device("cpu"), torch.float32)
+
+
+def test_umt5_local_tokenizer_folder(tmp_path):
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from reactor_graph.node import GraphInfo
+    from reactor_graph.nodes.umt5_encoder import UMT5Encoder
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "red": 4, "circle": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(str(tmp_path / "tok"))
+    node = UMT5Encoder("t", UMT5Encoder.Params(config="tiny", max_tokens=8, tokenizer="tok"),
+                       GraphInfo(64, 64, 16, root=tmp_path))
+    node.load(torch.device("cpu"), torch.float32)
+    ids, mask = node.tokenize("a   red circle")
+    assert ids[0, :3].tolist() == [3, 4, 5] and mask[0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    out = node.forward("a red circle")["embeds"]
+    assert out.shape == (8, 32) and out[3:].abs().sum() == 0
+    missing = UMT5Encoder("t", UMT5Encoder.Params(config="tiny", tokenizer="nowhere"),
+                          GraphInfo(64, 64, 16, root=tmp_path))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        missing.load(torch.device("cpu"), torch.float32)

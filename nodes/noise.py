@@ -24,7 +24,7 @@ class Noise(Node):
 
     def load(self, device, dtype):
         super().load(device, dtype)
-        self.generator = torch.Generator(device=device)
+        self.generator = torch.Generator(device="cpu") if device.type != "cuda" else None
         # Filled in place every block: a captured hot path reads it at this fixed address, no copy.
         self.buffer = torch.empty(self.params.shape, device=device, dtype=dtype)
         self._seed_used = None
@@ -33,10 +33,21 @@ class Noise(Node):
     def reset(self):
         self._seed_used = None
 
-    def forward(self, seed: int | None = None):
+    def prepare(self, seed: int | None = None):
+        """Host half: (re)seed when the seed slot changes or a session starts. On CUDA this seeds the
+        device's default generator, whose state a captured graph reads at every replay, so the noise is
+        drawn inside the captured hot path and still follows the seed."""
         seed = self.graph.seed + self.params.seed + (seed or 0)
-        if seed != self._seed_used:  # host-side: the seed is a slot value, not a tensor
-            self.generator.manual_seed(seed)
+        if seed != self._seed_used:
+            if self.device.type == "cuda":
+                torch.cuda.manual_seed(seed)
+            else:
+                self.generator.manual_seed(seed)
             self._seed_used = seed
-        self.buffer.normal_(generator=self.generator)
+
+    def forward(self):
+        if self.device.type == "cuda":
+            self.buffer.normal_()  # the default generator: graph-safe, philox offset advances per replay
+        else:
+            self.buffer.normal_(generator=self.generator)
         return {"noise": self.buffer}

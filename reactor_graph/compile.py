@@ -37,6 +37,28 @@ class HotPath:
         self.current: str | None = None  # the node running now, for watchdog and error messages
         self.timer: Callable[[str, float], None] | None = None  # bench's per-node hook
         self._external: list[Source] | None = None  # computed once; a swap clears it
+        self._host_ports: dict[tuple, set[str]] = {}
+
+    def host_ports(self, name: str) -> set[str]:
+        """Ports of node `name` that take host values (str/int/... rather than tensors)."""
+        node = self.nodes[name]
+        key = (name, id(node))
+        if key not in self._host_ports:
+            ins = node.ports()[0]
+            self._host_ports[key] = {p for p in self.plan.bindings[name] if ins[p].kind != "tensor"}
+        return self._host_ports[key]
+
+    def prepare_host(self, name: str, values: dict[Source, Any]) -> None:
+        """Hand a splitting node its host inputs (outside any captured graph)."""
+        node = self.nodes[name]
+        if node.splits_host_inputs():
+            binds = self.plan.bindings[name]
+            node.prepare(**{p: values[binds[p]] for p in self.host_ports(name)})
+
+    def forward_inputs(self, name: str, values: dict[Source, Any]) -> dict[str, Any]:
+        binds = self.plan.bindings[name]
+        skip = self.host_ports(name) if self.nodes[name].splits_host_inputs() else set()
+        return {p: values[src] for p, src in binds.items() if p not in skip}
 
     def external_sources(self) -> list[Source]:
         """Inputs of the hot path that come from outside it (slots, on-change node outputs)."""
@@ -56,11 +78,11 @@ class HotPath:
         for name in self.order:
             node = self.nodes[name]
             node.phase = phases.get(name, 0)
-            inputs = {port: values[src] for port, src in self.plan.bindings[name].items()}
             self.current = name
             t0 = time.perf_counter() if self.timer else 0.0
             try:
-                outs = node.forward(**inputs)
+                self.prepare_host(name, values)
+                outs = node.forward(**self.forward_inputs(name, values))
             except NodeError:
                 raise
             except Exception as exc:
@@ -102,7 +124,7 @@ class Segment:
         for name in self.names:
             node = self.hot.nodes[name]
             node.phase = self.phases.get(name, 0)
-            outs = node.forward(**{port: values[src] for port, src in self.hot.plan.bindings[name].items()})
+            outs = node.forward(**self.hot.forward_inputs(name, values))
             for port, value in outs.items():
                 values[Source(name, port)] = value
         return {k: v for k, v in values.items() if k.node in self.names}
@@ -126,8 +148,7 @@ class CompiledHotPath:
         self.prologue: list[str] = []
         for name in hot.order:
             node = hot.nodes[name]
-            ins = node.ports()[0]
-            host_inputs = any(ins[p].kind != "tensor" for p in plan.bindings[name])
+            host_inputs = bool(hot.host_ports(name)) and not node.splits_host_inputs()
             if not getattr(node, "capturable", True) or host_inputs:
                 upstream = [s.node for s in plan.bindings[name].values() if s.node in hot.order]
                 if any(u not in self.prologue for u in upstream):
@@ -174,7 +195,8 @@ class CompiledHotPath:
             node = self.hot.nodes[name]
             node.phase = phases.get(name, 0)
             try:
-                outs = node.forward(**{p: values[s] for p, s in self.hot.plan.bindings[name].items()})
+                self.hot.prepare_host(name, values)
+                outs = node.forward(**self.hot.forward_inputs(name, values))
             except Exception as exc:
                 raise NodeError(name, node.type_name, "forward", exc) from exc
             for port, value in outs.items():
@@ -182,8 +204,17 @@ class CompiledHotPath:
         return values
 
     def _segment_inputs(self, values: dict[Source, Any]) -> dict[Source, Any]:
-        needed = {s for n in self.captured for s in self.hot.plan.bindings[n].values() if s.node not in self.captured}
+        """The tensors the captured part reads from outside it (host values go to prepare())."""
+        needed = set()
+        for n in self.captured:
+            for port, src in self.hot.plan.bindings[n].items():
+                if src.node not in self.captured and port not in self.hot.host_ports(n):
+                    needed.add(src)
         return {s: values[s] for s in needed}
+
+    def _prepare_captured(self, values: dict[Source, Any]) -> None:
+        for name in self.captured:
+            self.hot.prepare_host(name, values)
 
     def prepare(self, key: tuple, phases: dict[str, int], inputs: dict[Source, Any]) -> None:
         """Warm-up, then (cudagraph) capture for one phase key. Leaves node state dirty: reset after."""
@@ -228,6 +259,7 @@ class CompiledHotPath:
     def __call__(self, external: dict[Source, Any], phases: dict[str, int],
                  versions: dict[Source, int] | None = None) -> dict[str, Any]:
         values = self._run_prologue(external, phases)
+        self._prepare_captured(values)
         inputs = self._segment_inputs(values)
         key = self._key(phases)
         self.hot.current = "(compiled hot path)"
@@ -308,6 +340,7 @@ def make_executor(engine, progress: Callable[[str], None] | None = None) -> Call
                 continue
             say(f"{'capturing' if mode == 'cudagraph' else 'compiling'} phase {block} of the hot path")
             values = ex._run_prologue(engine.external(), phases)
+            ex._prepare_captured(values)
             ex.prepare(key, phases, ex._segment_inputs(values))
     engine.reset_nodes()
     return ex

@@ -212,10 +212,11 @@ class Engine:
             if self._seen.get(name) == versions:
                 continue
             node = self.nodes[name]
-            inputs = {port: self._source_value(src)[0] for port, src in binds.items()}
+            values = {src: self._source_value(src)[0] for src in binds.values()}
             self.hot.current = name
             try:
-                outs = node.forward(**inputs)
+                self.hot.prepare_host(name, values)
+                outs = node.forward(**self.hot.forward_inputs(name, values))
             except Exception as exc:
                 raise NodeError(name, node.type_name, "forward", exc) from exc
             finally:

@@ -114,6 +114,17 @@ class Node:
     def forward(self, **inputs) -> dict[str, Any]:
         raise NotImplementedError
 
+    def prepare(self, **host_inputs) -> None:
+        """Optional host half of a node with non-tensor inputs (a seed). A node that overrides it gets those
+        inputs here, every block, just before its forward, and forward gets only the tensor inputs; so its
+        forward can be captured in a CUDA graph. A node that does not gets everything in forward and runs
+        outside the captured graph."""
+        raise NotImplementedError
+
+    @classmethod
+    def splits_host_inputs(cls) -> bool:
+        return cls.prepare is not Node.prepare
+
     def should_stop(self) -> bool:
         return should_stop()
 

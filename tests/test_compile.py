@@ -23,7 +23,8 @@ def test_compile_mode_matches_eager_without_recompiles(tiny_engine):
     eager = frames(tiny_engine(), change_at=1)
     engine = tiny_engine(compile="compile", compile_backend="aot_eager")
     ex = engine.executor
-    assert isinstance(ex, CompiledHotPath) and ex.prologue == ["noise"]
+    assert isinstance(ex, CompiledHotPath) and ex.prologue == []  # noise takes its seed in prepare()
+    assert ex.captured == ["noise", "denoise", "decode", "out"]
     n_keys = len(phase_keys(engine))
     assert n_keys == 3 and len(ex.compiles) == 3  # phases 0, 1, 2 of the KV cache: compiled once each
     at_startup = dict(ex.compiles)

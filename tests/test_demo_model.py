@@ -1,0 +1,264 @@
+"""The built-in demo's model: its procedural data set (tools/demo_data.py), its training script
+(tools/train_demo.py), and, once they are shipped, its weights (graphs/demo_weights.safetensors) seen through
+the demo graph on the CPU: colours, shapes, motion and prompt changes follow the words."""
+import importlib.util
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools"
+DEMO = ROOT / "graphs" / "demo.yaml"
+WEIGHTS = ROOT / "graphs" / "demo_weights.safetensors"
+
+
+def _tool(name: str):
+    """tools/ is not a package: load its modules by path (train_demo imports demo_data by that name)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+data = _tool("demo_data")
+
+
+# -- the data set ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prompt, motion", [
+    ("a small red circle moving left on a dark blue background", (-3, 0)),
+    ("a big green square moving up on a black background", (0, -3)),
+    ("a yellow triangle moving right on a grey background", (3, 0)),
+    ("a blue circle moving down on a white background", (0, 3)),
+    ("a purple square on a green background", (0, 0)),
+])
+def test_clip_shows_what_its_prompt_says(prompt, motion):
+    a = data.parse_prompt(prompt)
+    clip = data.clip_for_prompt(prompt, blocks=4, start=(120.0, 5.0))  # starts near a corner: it wraps
+    frames = data.to_uint8(clip.frames[0])
+    assert frames.shape == (8, 128, 128, 3)
+    for f in frames:
+        assert data.shape_colour_share(f, a["colour"]) > 0.8
+        assert data.background_name(f) == a["background"]
+    dx, dy = data.motion_of(frames)
+    assert dx == pytest.approx(motion[0], abs=0.3) and dy == pytest.approx(motion[1], abs=0.3)
+    fill = np.mean([data.fill_ratio(data.foreground(f)) for f in frames])
+    expected = {"circle": 0.79, "square": 1.0, "triangle": 0.5}[a["shape"]]
+    assert fill == pytest.approx(expected, abs=0.08)
+
+
+def test_sizes_differ_and_motion_wraps_around_the_edges():
+    areas = {s: data.foreground(data.to_uint8(data.clip_for_prompt(f"a {s} white circle", 1).frames[0])[0]).sum()
+             for s in ("small", "medium", "big")}
+    assert areas["small"] * 2 < areas["medium"] and areas["medium"] * 2 < areas["big"]
+    clip = data.clip_for_prompt("a red square moving left", blocks=30, start=(10.0, 64.0))
+    xs = clip.centre[0, :, 0]
+    assert (xs >= 0).all() and (xs < 128).all() and xs.max() > 100  # came back in on the right
+
+
+def test_parse_prompt_inverts_describe_over_varied_phrasings():
+    rng = random.Random(0)
+    for _ in range(3000):
+        a = data.sample_attrs(1, 1, rng)[0][0]
+        text = data.describe(a, rng)
+        assert data.parse_prompt(text) == a, text
+        assert data.parse_prompt(data.describe(a)) == a
+
+
+def test_every_prompt_word_has_its_own_token():
+    from reactor_graph.plan import load_plan
+
+    cond = next(n for n in load_plan(DEMO).nodes.values() if n.type_name == "text_encoder")
+    ids = {data.token_id(w, cond.params.vocab_size) for w in data.VOCABULARY}
+    assert len(ids) == len(data.VOCABULARY)
+    assert cond.tokenizer("red")[0].item() == data.token_id("red", cond.params.vocab_size)
+
+
+def test_a_switch_changes_the_words_at_a_block_boundary_and_the_shape_moves_on():
+    clips = data.make_clips(16, 4, rng=random.Random(1), generator=torch.Generator().manual_seed(1),
+                            switch_prob=1.0)
+    for i, (attrs, prompts) in enumerate(zip(clips.attrs, clips.prompts)):
+        changes = [k for k in range(1, 4) if attrs[k] != attrs[k - 1]]
+        assert len(changes) == 1
+        assert all(data.parse_prompt(p) == a for p, a in zip(prompts, attrs))
+        step = torch.remainder(clips.centre[i, 1:] - clips.centre[i, :-1] + 64, 128) - 64
+        assert step.abs().max() <= data.SPEED + 1e-4  # no jump at the switch
+        k = changes[0]
+        frame = data.to_uint8(clips.frames[i, 2 * k:2 * k + 1])[0]
+        assert data.background_name(frame) == attrs[k]["background"]
+
+
+def test_clips_are_reproducible_from_their_seeds():
+    def make():
+        return data.make_clips(4, 2, rng=random.Random(5), generator=torch.Generator().manual_seed(5))
+
+    a, b = make(), make()
+    assert torch.equal(a.frames, b.frames) and a.prompts == b.prompts
+    assert a.frames.shape == (4, 4, 3, 128, 128) and -1 <= a.frames.min() and a.frames.max() <= 1
+
+
+# -- training matches inference ---------------------------------------------------------------------------------------
+SMALL = """\
+reactor-graph: 1
+name: small
+fps: 16
+size: [32, 32]
+device: cpu
+slots:
+  prompt: {type: str, default: "a red circle"}
+nodes:
+  cond:
+    type: text_encoder
+    params: {dim: 16, max_tokens: 8, heads: 2}
+    in: {text: $slots.prompt}
+  noise:
+    type: noise
+    params: {shape: [4, 2, 4, 4]}
+  denoise:
+    type: causal_denoiser
+    params: {latent_channels: 4, frames_per_block: 2, latent_size: [4, 4], dim: 32, layers: 2, heads: 2,
+             text_dim: 16, steps: 1, cache_blocks: CACHE}
+    in: {cond: cond.embeds, noise: noise.noise}
+  decode:
+    type: latent_decoder
+    params: {latent_channels: 4, width: 16, upsample: 8}
+    in: {latents: denoise.latents}
+  out:
+    type: emit
+    in: {frames: decode.frames}
+"""
+
+
+@pytest.mark.parametrize("cache_blocks", [1, 2, 3])
+def test_teacher_forcing_gives_what_the_node_computes_block_by_block(write_graph, cache_blocks):
+    """The training forward (all blocks at once under a block mask) against CausalDenoiser.generate driven
+    block by block through its rolling KV cache, with a prompt that changes between blocks."""
+    from reactor_graph.plan import load_plan
+
+    train = _tool("train_demo")
+    torch.manual_seed(0)
+    node = load_plan(write_graph(SMALL.replace("CACHE", str(cache_blocks)))).nodes["denoise"]
+    node.load(torch.device("cpu"), torch.float32)
+    node.reset()
+    blocks, noisy, clean, flows, sigmas, texts = 6, [], [], [], [], []
+    with torch.no_grad():
+        for k in range(blocks):
+            s = 0.05 + 0.9 * float(torch.rand(()))
+            text, x = torch.randn(8, 16), torch.randn(4, 2, 4, 4)
+            node.sigmas = [s, 0.0]  # one Euler step to 0: out = x - s * flow, then the clean pass caches out
+            out = node.generate(text, x, node.phase_for_block(k))
+            noisy.append(x), clean.append(out), flows.append((x - out) / s), sigmas.append(s), texts.append(text)
+        pred = train.teacher_forced(node.model, torch.stack(clean)[None], torch.stack(noisy)[None],
+                                    torch.tensor([sigmas]), torch.stack(texts)[None], cache_blocks - 1)
+    torch.testing.assert_close(pred[0], torch.stack(flows), atol=2e-5, rtol=1e-4)
+
+
+def test_tiny_training_runs_and_its_weights_load_into_the_demo_graph(tmp_path):
+    """`train_demo.py --tiny` on the CPU, end to end, then the demo graph's own nodes read what it wrote."""
+    from safetensors import safe_open
+
+    from reactor_graph.loop import Engine
+    from reactor_graph.plan import load_plan
+
+    out = tmp_path / "run"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(TOOLS / "train_demo.py"), "--out", str(out), "--tiny",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    took = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Its work fits a minute of two cores (CPU seconds; the wall clock also counts whatever else the machine
+    # runs, so that bound is looser).
+    assert cpu < 100 and took < 240, f"--tiny took {took:.0f} s wall, {cpu:.0f} CPU s"
+    weights = out / "demo_weights.safetensors"
+    for name in ("loss.png", "train_log.json", "samples.png"):
+        assert (out / name).stat().st_size > 0
+    assert weights.stat().st_size < 20e6
+    with safe_open(str(weights), "pt") as f:
+        prefixes = {k.split(".")[0] for k in f.keys()}
+    assert prefixes == {"text", "dit", "decoder"}
+
+    engine = Engine(load_plan(data.graph_with_weights(DEMO, weights, tmp_path / "g.yaml")), device="cpu").load()
+    frames = data.run_prompt(engine, "a blue square moving up", blocks=3)
+    assert frames.shape == (6, 128, 128, 3)
+
+
+# -- the shipped weights ------------------------------------------------------------------------------------------
+needs_weights = pytest.mark.skipif(
+    not WEIGHTS.exists(),
+    reason="graphs/demo_weights.safetensors is not there yet: it is made by `python tools/train_demo.py` on a GPU "
+           "(graphs/demo_weights.md)")
+
+
+@pytest.fixture(scope="module")
+def demo_engine(tmp_path_factory):
+    from reactor_graph.loop import Engine
+    from reactor_graph.plan import load_plan
+
+    path = data.graph_with_weights(DEMO, WEIGHTS, tmp_path_factory.mktemp("demo") / "demo.yaml")
+    return Engine(load_plan(path), device="cpu").load()
+
+
+def shares(frames, colour):
+    return np.array([data.shape_colour_share(f, colour) for f in frames])
+
+
+@needs_weights
+@pytest.mark.parametrize("colour, prompts", [
+    ("red", ["a red circle moving left on a dark blue background", "a big red square on a black background",
+             "a small red triangle moving up on a grey background"]),
+    ("blue", ["a blue circle moving right on a black background", "a big blue square on a grey background",
+              "a blue triangle moving down on a white background"]),
+])
+def test_colour_words_give_shapes_of_that_colour(demo_engine, colour, prompts):
+    other = {"red": "blue", "blue": "red"}[colour]
+    for seed, prompt in enumerate(prompts):
+        frames = data.run_prompt(demo_engine, prompt, blocks=8, seed=seed)[2:]
+        assert shares(frames, colour).mean() > 0.6, prompt
+        assert shares(frames, other).mean() < 0.2, prompt
+        bg = data.parse_prompt(prompt)["background"]
+        assert np.mean([data.background_name(f) == bg for f in frames]) > 0.8, prompt
+
+
+@needs_weights
+def test_shape_words_give_different_shapes(demo_engine):
+    fill = {}
+    for shape in ("circle", "square", "triangle"):
+        ratios = []
+        for seed in range(3):
+            frames = data.run_prompt(demo_engine, f"a big white {shape} on a black background", blocks=6, seed=seed)
+            ratios += [data.fill_ratio(data.foreground(f)) for f in frames[2:]]
+        fill[shape] = float(np.nanmedian(ratios))
+    assert fill["square"] > fill["circle"] + 0.06 and fill["circle"] > fill["triangle"] + 0.1, fill
+
+
+@needs_weights
+@pytest.mark.parametrize("direction, sign", [("left", (-1, 0)), ("right", (1, 0)), ("up", (0, -1)), ("down", (0, 1))])
+def test_motion_words_move_the_shape(demo_engine, direction, sign):
+    frames = data.run_prompt(demo_engine, f"a big yellow circle moving {direction} on a black background", blocks=10)
+    dx, dy = data.motion_of(frames[2:])
+    along = dx * sign[0] + dy * sign[1]
+    across = abs(dx * sign[1]) + abs(dy * sign[0])
+    assert along > 1.0 and across < along / 2, (dx, dy)
+
+
+@needs_weights
+def test_a_prompt_change_shows_within_two_blocks(demo_engine):
+    before, after = "a red circle moving right on a black background", "a big blue square on a grey background"
+    frames = data.run_prompt(demo_engine, before, blocks=10, changes={3: after})  # applied from block 4
+    blocks = [frames[2 * i:2 * i + 2] for i in range(10)]
+    assert shares(np.concatenate(blocks[1:4]), "red").mean() > 0.6
+    late = np.concatenate(blocks[5:])  # block 4 may still be turning; from block 5 on, the new prompt
+    assert shares(late, "blue").mean() > 0.6 and shares(late, "red").mean() < 0.2
+    assert np.mean([data.background_name(f) == "grey" for f in late]) > 0.8

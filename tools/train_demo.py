@@ -1,0 +1,640 @@
+#!/usr/bin/env python
+"""Train the built-in demo's model (graphs/demo.yaml) on the procedural shapes data set (tools/demo_data.py).
+
+Two stages, one fixed seed, a wall-clock budget (`--minutes`, about 1/5 for the first stage):
+  1. an autoencoder: a small conv encoder (training only) and the demo's own TinyDecoder; the encoder ends
+     in a non-affine BatchNorm, so latents come out near zero mean and unit variance per channel and the
+     decoder reads them as they are (nothing to fold in afterwards). Latent noise while training makes
+     the decoder forgiving of a denoiser's small errors.
+  2. the text encoder and the block-causal CausalDiT, by flow matching in that latent space, with teacher
+     forcing that reproduces CausalDenoiser.generate exactly: a clip of K blocks is run as one sequence of
+     K clean blocks (sigma 0: the "clean pass" that writes the KV cache at inference) followed by K noisy
+     blocks (each at its own sigma), under a block mask: a clean block sees itself and the `context` clean
+     blocks before it, a noisy block sees itself and the `context` clean blocks before it. `context` is
+     what the node's rolling cache gives a block (cache_blocks - 1: it drops the oldest block before it
+     denoises the new one). Rotary positions are relative, so absolute frame indices here and window
+     indices at inference give the same attention. tests/test_demo_model.py checks the equivalence
+     against the node itself.
+Then it writes `demo_weights.safetensors` (keys `text.`, `dit.`, `decoder.`: the demo nodes' params
+`weights` + `weights_prefix`), `train_log.json`, `loss.png`, and an evaluation through the real engine on
+the CPU (`samples.png`, scores in the log).
+
+  python tools/train_demo.py --out out/demo --minutes 8.5 --device cuda      # the shipped weights
+  python tools/train_demo.py --out /tmp/demo --tiny                          # CPU smoke test, < 60 s
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import demo_data as data  # noqa: E402
+
+from reactor_graph.nodes.causal_denoiser import CausalDiT, flow_sigmas, rope  # noqa: E402
+from reactor_graph.nodes.latent_decoder import TinyDecoder  # noqa: E402
+from reactor_graph.nodes.text_encoder import TextEncoderModel, WordTokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+T0 = time.perf_counter()
+
+
+def say(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+# -- the graph's architecture ----------------------------------------------------------------------------------
+def graph_config(path: Path) -> dict:
+    """Sizes from the graph file, so what is trained is what the demo nodes build."""
+    from reactor_graph.plan import load_plan
+
+    plan = load_plan(path)
+    by_type = {n.type_name: n for n in plan.nodes.values()}
+    missing = {"text_encoder", "causal_denoiser", "latent_decoder"} - set(by_type)
+    if missing:
+        raise SystemExit(f"{path} has no node of type {', '.join(sorted(missing))}")
+    t, d, v = (by_type[k].params for k in ("text_encoder", "causal_denoiser", "latent_decoder"))
+    if d.text_dim != t.dim or d.latent_channels != v.latent_channels:
+        raise SystemExit(f"{path}: text_dim/latent_channels do not agree between the nodes")
+    size = (plan.info.height, plan.info.width)
+    if (size[0] // v.upsample, size[1] // v.upsample) != tuple(d.latent_size):
+        raise SystemExit(f"{path}: frame size / upsample does not give the denoiser's latent_size")
+    return {
+        "size": size, "fps": plan.info.fps,
+        "text": dict(vocab_size=t.vocab_size, dim=t.dim, max_tokens=t.max_tokens, layers=t.layers, heads=t.heads),
+        "dit": dict(channels=d.latent_channels, frames=d.frames_per_block, size=tuple(d.latent_size), patch=d.patch,
+                    dim=d.dim, layers=d.layers, heads=d.heads, text_dim=d.text_dim),
+        "steps": d.steps, "shift": d.shift, "cache_blocks": d.cache_blocks,
+        "decoder": dict(channels=v.latent_channels, width=v.width, upsample=v.upsample),
+    }
+
+
+class RunningNorm(nn.Module):
+    """Per-channel normalisation by running statistics (updated while training, never by the batch's own):
+    latents come out near zero mean and unit variance without each batch shifting what the decoder sees."""
+
+    def __init__(self, channels: int, momentum: float = 0.02):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("var", torch.ones(channels))
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                xf = x.float()
+                m, v = xf.mean((0, 2, 3)), xf.var((0, 2, 3))
+                if self.momentum is None:  # exact (cumulative) statistics: calibration
+                    self.count += 1
+                    w = 1.0 / float(self.count)
+                else:
+                    w = self.momentum if self.count > 0 else 1.0
+                    self.count += 1
+                self.mean.lerp_(m, w)
+                self.var.lerp_(v, w)
+        return (x - self.mean[:, None, None]) * torch.rsqrt(self.var[:, None, None] + 1e-5)
+
+    def calibrate(self):
+        self.count.zero_()
+        self.momentum = None
+
+
+class Encoder(nn.Module):
+    """Frames [B, 3, H, W] in [-1, 1] -> latents [B, C, H/u, W/u], normalised per channel (training only)."""
+
+    def __init__(self, channels: int, width: int, downsample: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, 32, 3, padding=1), nn.SiLU()]
+        w = 32
+        for _ in range(int(math.log2(downsample))):
+            layers += [nn.Conv2d(w, width, 4, stride=2, padding=1), nn.SiLU()]
+            w = width
+        layers += [nn.Conv2d(w, w, 3, padding=1), nn.SiLU(), nn.Conv2d(w, channels, 3, padding=1),
+                   RunningNorm(channels)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def build_models(cfg: dict):
+    text = TextEncoderModel(cfg["text"]["vocab_size"], cfg["text"]["dim"], cfg["text"]["max_tokens"],
+                            cfg["text"]["layers"], cfg["text"]["heads"])
+    dc = cfg["dit"]
+    dit = CausalDiT(dc["channels"], dc["frames"], dc["size"], dc["patch"], dc["dim"], dc["layers"], dc["heads"],
+                    dc["text_dim"])
+    # adaLN-zero: every residual branch starts closed and the output at zero, as DiT trains.
+    for blk in dit.blocks:
+        nn.init.zeros_(blk.modulation.weight)
+        nn.init.zeros_(blk.modulation.bias)
+    nn.init.zeros_(dit.out.weight)
+    nn.init.zeros_(dit.out.bias)
+    dec = TinyDecoder(cfg["decoder"]["channels"], cfg["decoder"]["width"], cfg["decoder"]["upsample"])
+    return text, dit, dec
+
+
+# -- teacher forcing that matches CausalDenoiser.generate ------------------------------------------------------------
+def block_mask(blocks: int, tokens: int, context: int, device) -> torch.Tensor:
+    """[2K*N, 2K*N] bool, True = may attend. Sequence: K clean blocks, then K noisy blocks, N tokens each."""
+    seg = torch.arange(2 * blocks, device=device).repeat_interleave(tokens)
+    noisy, blk = seg >= blocks, seg % blocks
+    qn, kn, qb, kb = noisy[:, None], noisy[None, :], blk[:, None], blk[None, :]
+    window = kb >= qb - context
+    clean_q = ~qn & ~kn & (kb <= qb) & window
+    noisy_q = qn & ((~kn & (kb < qb) & window) | (kn & (kb == qb)))
+    return clean_q | noisy_q
+
+
+def _block_forward(blk, x, temb, text, pos, mask, b: int, s: int, n: int):
+    """One CausalDiT Block over [B, S*N, D] with a per-segment time embedding [B, S, D] and text [B*S, L, Dt];
+    the same arithmetic as Block.forward."""
+    d = x.shape[-1]
+    mod = blk.modulation(temb)[:, :, None]  # [B, S, 1, 6D]
+    sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
+    x4 = x.view(b, s, n, d)
+    h = (blk.norm1(x4) * (1 + sc1) + sh1).view(b, s * n, d)
+    q, k, v = (blk.split(t) for t in blk.qkv(h).chunk(3, dim=-1))
+    a = F.scaled_dot_product_attention(rope(q, pos), rope(k, pos), v, attn_mask=mask)
+    x4 = x4 + g1 * blk.proj(a.transpose(1, 2).flatten(2)).view(b, s, n, d)
+    xs = x4.reshape(b * s, n, d)
+    tk, tv = blk.cross_kv(text).chunk(2, dim=-1)
+    a = F.scaled_dot_product_attention(blk.split(blk.cross_q(blk.norm2(xs))), blk.split(tk), blk.split(tv))
+    x4 = (xs + blk.cross_proj(a.transpose(1, 2).flatten(2))).view(b, s, n, d)
+    h = blk.norm3(x4) * (1 + sc2) + sh2
+    return (x4 + g2 * blk.mlp(h)).view(b, s * n, d)
+
+
+def teacher_forced(dit: CausalDiT, clean: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor,
+                   text: torch.Tensor, context: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Flow predictions [B, K, C, T, h, w] for the noisy blocks, each seeing the clean blocks before it through
+    the KV cache as CausalDenoiser.generate builds it.
+
+    clean, noisy: [B, K, C, T, h, w]; sigma: [B, K]; text: [B, K, L, Dt] (the prompt of each block)."""
+    b, k = sigma.shape
+    s, n, dim = 2 * k, dit.frames * dit.tokens_per_frame, dit.dim
+    x = torch.cat([clean, noisy], dim=1).flatten(0, 1)  # [B*S, C, T, h, w]
+    h = (dit.embed(dit.patchify(x)) + dit.spatial.repeat(dit.frames, 1)).view(b, s * n, dim)
+    sig = torch.cat([torch.zeros_like(sigma), sigma], dim=1)  # the clean pass runs at sigma 0
+    temb = dit.time_embedding(sig.flatten()).view(b, s, dim)
+    txt = torch.cat([text, text], dim=1).flatten(0, 1)  # [B*S, L, Dt]
+    frame = torch.arange(k, device=x.device).repeat(2) * dit.frames  # first frame of each segment
+    pos = (frame[:, None] + torch.arange(dit.frames, device=x.device)).repeat_interleave(dit.tokens_per_frame, 1)
+    pos = pos.flatten()  # [S*N], frame-major within a segment like patchify
+    if mask is None:
+        mask = block_mask(k, n, context, x.device)
+    for blk in dit.blocks:
+        h = _block_forward(blk, h, temb, txt, pos, mask, b, s, n)
+    out = dit.out(dit.norm_out(h.view(b, s, n, dim)[:, k:].reshape(b * k, n, dim)))
+    return dit.unpatchify(out).view(b, k, *noisy.shape[2:])
+
+
+# -- training ---------------------------------------------------------------------------------------------------
+class Settings:
+    def __init__(self, args, cfg):
+        tiny = args.tiny
+        self.seed = args.seed
+        self.minutes = args.minutes if args.minutes is not None else (1.0 if tiny else 8.5)
+        self.ae_share = args.ae_share
+        self.ae_batch = args.ae_batch or (4 if tiny else 64)  # frames per step
+        self.ae_lr = args.ae_lr
+        self.ae_max_steps = 6 if tiny else 100_000
+        self.batch = args.batch or (2 if tiny else 64)  # clips per step
+        self.blocks = args.blocks or (3 if tiny else 6)  # blocks per clip
+        self.lr = args.lr
+        self.warmup = 10 if tiny else 300
+        self.max_steps = args.steps or (4 if tiny else 1_000_000)
+        self.fixed_steps = tiny or bool(args.steps)  # else the step count comes from the measured speed
+        self.switch_prob = 0.3
+        self.start_prob = 0.3  # clips that begin a session (shape centred); the rest are later windows
+        self.context_noise = 0.1  # max std of noise added to context latents (robustness to own outputs)
+        self.ema = 0.999
+        self.self_context = args.self_context
+        self.context = max(cfg["cache_blocks"] - 1, 0)
+        self.eval_blocks = 3 if tiny else 12
+        self.eval_prompts = 1 if tiny else None  # None: all
+        self.checkpoint_s = 60 if tiny else 90
+
+
+class StepPlan:
+    """How many steps fit the budget: measured over steps 5..25 (the first ones warm up), then re-measured
+    every 50 steps (a step may get dearer, e.g. when self-generated context starts), so the learning-rate
+    schedule ends where the budget does. A hard stop just past the budget in any case."""
+
+    def __init__(self, max_steps: int, budget_s: float, fixed: bool, name: str):
+        self.total, self.budget, self.fixed, self.name = max_steps, budget_s, fixed, name
+        self.max_steps = max_steps
+        self.start = time.perf_counter()
+        self.mark: tuple[int, float] | None = None
+        self.said = 0
+
+    def done(self, step: int) -> bool:
+        now = time.perf_counter()
+        if not self.fixed:
+            if step == 5:
+                self.mark = (5, now)
+            elif self.mark and (step == 25 or (step > 25 and step % 50 == 0)):
+                per = (now - self.mark[1]) / (step - self.mark[0])
+                left = self.budget - (now - self.start)
+                self.total = min(self.max_steps, max(step + 1, step + int(left / per)))
+                self.mark = (step, now)
+                if abs(self.total - self.said) > 0.03 * self.total:
+                    say(f"{self.name}: {per * 1000:.0f} ms/step -> {self.total} steps")
+                    self.said = self.total
+        if step >= self.total:
+            return True
+        if now - self.start > self.budget * (1.5 if self.fixed else 1.03) and step > 0:
+            say(f"{self.name}: stopping at step {step} of {self.total}: out of time")
+            return True
+        return False
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def train_autoencoder(cfg, st: Settings, device, budget_s: float, log: dict):
+    dcfg = cfg["decoder"]
+    enc = Encoder(dcfg["channels"], 64, dcfg["upsample"]).to(device)
+    _, _, dec = build_models(cfg)
+    dec.to(device)
+    params = list(enc.parameters()) + list(dec.parameters())
+    opt = torch.optim.AdamW(params, lr=st.ae_lr, weight_decay=0.0)
+    rng, gen = random.Random(st.seed), torch.Generator().manual_seed(st.seed)
+    t_start, step = time.perf_counter(), 0
+    plan = StepPlan(st.ae_max_steps, budget_s, st.fixed_steps, "autoencoder")
+    fpb = cfg["dit"]["frames"]
+    while not plan.done(step):
+        total = plan.total
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, st.ae_lr, 50)
+        clips = data.make_clips(st.ae_batch // fpb, 1, fpb, cfg["size"], rng, gen, device, switch_prob=0.0,
+                                vary_text=False)
+        x, a = clips.frames.flatten(0, 1), clips.alpha.flatten(0, 1)[:, None]
+        with autocast(device):
+            z = enc(x)
+            y = dec(z + 0.05 * torch.randn_like(z))
+        w = 1 + 8 * a  # the shape is a small part of the frame; weigh its pixels up
+        err = y.float() - x
+        loss = (w * err.abs()).mean() + (w * err * err).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 20 == 0:
+            log["ae"].append({"step": step, "loss": loss.item(), "t": time.perf_counter() - t_start})
+        if step % 200 == 0:
+            psnr = -10 * math.log10(max((err.detach() ** 2).mean().item() / 4, 1e-10))
+            say(f"autoencoder step {step}/{total} loss {loss.item():.4f} psnr {psnr:.1f} dB")
+        step += 1
+    # Exact statistics for the encoder's normalisation (an average over fresh frames), so latents have zero
+    # mean and unit variance per channel, as the denoiser's noise does.
+    enc.net[-1].calibrate()
+    enc.train()
+    with torch.no_grad(), autocast(device):
+        for _ in range(2 if st.fixed_steps and st.ae_max_steps < 100 else 30):
+            enc(data.make_clips(st.ae_batch // fpb, 1, fpb, cfg["size"], rng, gen, device, switch_prob=0.0,
+                                vary_text=False).frames.flatten(0, 1))
+    enc.eval()
+    dec.eval()
+    with torch.no_grad():  # what the denoiser will see, measured
+        clips = data.make_clips(64, 1, fpb, cfg["size"], random.Random(st.seed + 99),
+                                torch.Generator().manual_seed(st.seed + 99), device, switch_prob=0.0, vary_text=False)
+        x = clips.frames.flatten(0, 1)
+        z = enc(x)
+        y = dec(z)
+        mse = ((y - x) ** 2).mean().item()
+        shape_mse = (((y - x) ** 2) * clips.alpha.flatten(0, 1)[:, None]).sum().item() / (
+            3 * clips.alpha.sum().item() + 1e-6)
+    log["ae_final"] = {"steps": step, "psnr": -10 * math.log10(max(mse / 4, 1e-10)),
+                       "shape_psnr": -10 * math.log10(max(shape_mse / 4, 1e-10)),
+                       "latent_mean": z.mean((0, 2, 3)).tolist(), "latent_std": z.std((0, 2, 3)).tolist()}
+    say(f"autoencoder done: {step} steps, psnr {log['ae_final']['psnr']:.1f} dB "
+        f"(shape pixels {log['ae_final']['shape_psnr']:.1f} dB), latent std {[round(v, 2) for v in log['ae_final']['latent_std']]}")
+    return enc, dec, (x[:8], y[:8])
+
+
+def tokenize(tok: WordTokenizer, prompts: list[list[str]], device) -> torch.Tensor:
+    return torch.stack([torch.stack([tok(p) for p in clip]) for clip in prompts]).to(device)  # [B, K, L]
+
+
+def sample_sigma(shape, cfg, gen_device) -> torch.Tensor:
+    """Noise levels: mostly the exact levels inference steps through, else continuous (shifted uniform)."""
+    sig = torch.tensor(flow_sigmas(cfg["steps"], cfg["shift"]), device=gen_device)
+    discrete = sig[torch.randint(len(sig), shape, device=gen_device)]
+    u = torch.rand(shape, device=gen_device)
+    cont = cfg["shift"] * u / (1 + (cfg["shift"] - 1) * u)
+    return torch.where(torch.rand(shape, device=gen_device) < 0.7, discrete, cont)
+
+
+def save_weights(path: Path, text, dit, dec, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    sd = {}
+    for prefix, m in (("text.", text), ("dit.", dit), ("decoder.", dec)):
+        sd.update({prefix + k: v.detach().float().contiguous().cpu() for k, v in m.state_dict().items()})
+    tmp = path.with_suffix(".tmp")
+    save_file(sd, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    tmp.replace(path)
+
+
+def train_denoiser(cfg, st: Settings, device, budget_s: float, enc, dec, log: dict, out: Path, meta: dict):
+    text, dit, _ = build_models(cfg)
+    text.to(device).train()
+    dit.to(device).train()
+    enc.eval()
+    ema = {id(p): p.detach().clone() for m in (text, dit) for p in m.parameters()}
+    params = [p for m in (text, dit) for p in m.parameters()]
+    ema_list = [ema[id(p)] for p in params]
+    decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=st.lr, betas=(0.9, 0.99))
+    tok = WordTokenizer(cfg["text"]["vocab_size"], cfg["text"]["max_tokens"])
+    rng, gen = random.Random(st.seed + 1), torch.Generator().manual_seed(st.seed + 1)
+    fpb, k = cfg["dit"]["frames"], st.blocks
+    mask = block_mask(k, fpb * dit.tokens_per_frame, st.context, device)
+    say(f"denoiser: {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M params, text encoder "
+        f"{sum(p.numel() for p in text.parameters()) / 1e6:.2f}M; {st.batch} clips x {k} blocks a step, "
+        f"context {st.context} blocks")
+    t_start, step, last_ckpt = time.perf_counter(), 0, time.perf_counter()
+    plan = StepPlan(st.max_steps, budget_s, st.fixed_steps, "denoiser")
+    last_sigma = flow_sigmas(cfg["steps"], cfg["shift"])[-1]
+
+    def swap_ema():  # exchange live and EMA weights in place
+        for p in params:
+            e = ema[id(p)]
+            tmp = p.detach().clone()
+            p.data.copy_(e)
+            e.copy_(tmp)
+
+    def checkpoint(final: bool):
+        swap_ema()
+        save_weights(out / "demo_weights.safetensors", text, dit, dec, dict(meta, denoiser_steps=step, final=final))
+        swap_ema()
+
+    while not plan.done(step):
+        total = plan.total
+        lr = lr_at(step, total, st.lr, st.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        clips = data.make_clips(st.batch, k, fpb, cfg["size"], rng, gen, device, switch_prob=st.switch_prob,
+                                start_prob=st.start_prob)
+        ids = tokenize(tok, clips.prompts, device)  # [B, K, L]
+        b = ids.shape[0]
+        with torch.no_grad(), autocast(device):
+            z = enc(clips.frames.flatten(0, 1)).float()  # [B*K*T, C, h, w]
+        z = z.view(b, k, fpb, *z.shape[1:]).transpose(2, 3)  # [B, K, C, T, h, w]
+        sigma = sample_sigma((b, k), cfg, device)
+        noise = torch.randn_like(z)
+        sv = sigma.view(b, k, 1, 1, 1, 1)
+        noisy = (1 - sv) * z + sv * noise
+        ctx_std = st.context_noise * torch.rand(b, 1, 1, 1, 1, 1, device=device) * (
+            torch.rand(b, 1, 1, 1, 1, 1, device=device) < 0.5)
+        clean = z + ctx_std * torch.randn_like(z)
+        with autocast(device):
+            emb = text(ids.flatten(0, 1)).view(b, k, ids.shape[-1], -1)
+            share = st.self_context * min(max((step / total - 0.1) / 0.2, 0.0), 1.0)  # ramps up from 10% to 30%
+            if share > 0:
+                # The model's own pictures as context, now and then: what it made of each block from the
+                # last noise level inference steps from (its output is exactly such a one-step estimate).
+                # Learning to continue those with the true next block keeps the stream from blurring or
+                # fading as it feeds on itself, block after block.
+                with torch.no_grad():
+                    s_last = torch.full((b, k), last_sigma, device=device)
+                    x_ctx = (1 - last_sigma) * z + last_sigma * torch.randn_like(z)
+                    own = x_ctx - last_sigma * teacher_forced(dit, clean, x_ctx, s_last, emb.detach(), st.context,
+                                                              mask).float()
+                use = (torch.rand(b, device=device) < share).view(b, 1, 1, 1, 1, 1)
+                clean = torch.where(use, own, clean)
+            pred = teacher_forced(dit, clean, noisy, sigma, emb, st.context, mask)
+        per_block = ((pred.float() - (noise - z)) ** 2).mean((2, 3, 4, 5))  # [B, K]
+        # A window from later in a session starts with blocks that, at inference, would have had context:
+        # they only serve as context here. A session's own first blocks are learnt as they are.
+        weight = (clips.start[:, None] | (torch.arange(k, device=device) >= st.context)[None]).float()
+        loss = (per_block * weight).sum() / weight.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        d = min(st.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_list, [p.detach() for p in params], 1 - d)
+        if step % 20 == 0:
+            rec = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": float(gnorm),
+                   "t": time.perf_counter() - t_start}
+            for lo, hi, name in ((0.0, 0.6, "loss_sigma_lt_0.6"), (0.6, 1.01, "loss_sigma_ge_0.6")):
+                sel = (sigma >= lo) & (sigma < hi) & (weight > 0)
+                if sel.any():
+                    rec[name] = per_block.detach()[sel].mean().item()
+            log["dit"].append(rec)
+        if step % 100 == 0:
+            say(f"denoiser step {step}/{total} loss {loss.item():.4f} lr {lr:.2e} "
+                f"({(step + 1) * b / max(time.perf_counter() - t_start, 1e-6):.0f} clips/s)")
+        if time.perf_counter() - last_ckpt > st.checkpoint_s:
+            checkpoint(final=False)
+            last_ckpt = time.perf_counter()
+        step += 1
+    log["dit_final"] = {"steps": step, "seconds": time.perf_counter() - t_start}
+    swap_ema()  # keep the EMA weights
+    text.eval()
+    dit.eval()
+    return text, dit
+
+
+# -- outputs -------------------------------------------------------------------------------------------------------
+def plot_losses(log: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "ae", "autoencoder (weighted L1 + L2)"),
+                           (axes[1], "dit", "denoiser (flow-matching MSE)")):
+        recs = log[key]
+        if recs:
+            ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label="all", lw=1)
+            for name in ("loss_sigma_lt_0.6", "loss_sigma_ge_0.6"):
+                pts = [(r["step"], r[name]) for r in recs if name in r]
+                if pts:
+                    ax.plot(*zip(*pts), label=name.replace("loss_", ""), lw=0.8, alpha=0.7)
+            ax.set_yscale("log")
+            ax.legend()
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+EVAL_PROMPTS = [
+    "a red circle moving left on a dark blue background",
+    "a big blue square moving right on a black background",
+    "a small yellow triangle moving up on a grey background",
+    "a green circle moving down on a black background",
+    "a big white square on a green background",
+    "a purple triangle moving left on a white background",
+]
+EVAL_CHANGE = ("a red circle moving right on a black background", "a big blue square moving down on a grey background")
+
+
+def evaluate(graph: Path, weights: Path, out: Path, blocks: int, log: dict, prompts: int | None = None) -> None:
+    """The shipped path: the graph's own nodes on the CPU, eager, reading the weights file."""
+    import numpy as np
+
+    from reactor_graph.loop import Engine
+    from reactor_graph.plan import load_plan
+
+    path = data.graph_with_weights(graph, weights, out / "eval_graph.yaml", device="cpu")
+    engine = Engine(load_plan(path), device="cpu", compile="eager").load()
+    rows, scores = [], []
+    for prompt in EVAL_PROMPTS[:prompts]:
+        a = data.parse_prompt(prompt)
+        t0 = time.perf_counter()
+        frames = data.run_prompt(engine, prompt, blocks)
+        ms = (time.perf_counter() - t0) / blocks * 1000
+        late = frames[len(frames) // 2:]
+        share = float(np.mean([data.shape_colour_share(f, a["colour"]) for f in late]))
+        bg = float(np.mean([data.background_name(f) == a["background"] for f in late]))
+        fill = float(np.nanmean([data.fill_ratio(data.foreground(f)) for f in late]))
+        dx, dy = data.motion_of(frames[2:])
+        scores.append({"prompt": prompt, "colour_share": share, "background_ok": bg, "fill_ratio": fill,
+                       "motion_px_per_frame": [dx, dy], "cpu_ms_per_block": ms})
+        rows.append((prompt, frames))
+    first, second = EVAL_CHANGE
+    frames = data.run_prompt(engine, first, blocks, changes={blocks // 2 - 1: second})
+    after = frames[(blocks // 2 + 1) * 2:]  # from the second block after the change
+    scores.append({"prompt": f"{first} -> {second} after block {blocks // 2 - 1}",
+                   "colour_share_after": float(np.mean([data.shape_colour_share(f, "blue") for f in after])),
+                   "colour_share_before": float(np.mean([data.shape_colour_share(f, "red")
+                                                         for f in frames[2:blocks]]))})
+    rows.append((f"{first} -> {second}", frames))
+    log["eval"] = scores
+    for s in scores:
+        say("eval: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(8, len(rows[0][1]))
+    idx = np.linspace(0, len(rows[0][1]) - 1, cols).round().astype(int)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(cols * 1.6, len(rows) * 1.8))
+    for r, (prompt, frames) in enumerate(rows):
+        for c, i in enumerate(idx):
+            ax = axes[r, c]
+            ax.imshow(frames[i])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"frame {i}", fontsize=7)
+        axes[r, 0].set_ylabel("\n".join(prompt[i:i + 28] for i in range(0, len(prompt), 28)), fontsize=5)
+    fig.tight_layout()
+    fig.savefig(out / "samples.png", dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--out", required=True, type=Path, help="output folder")
+    ap.add_argument("--graph", type=Path, default=ROOT / "graphs" / "demo.yaml", help="graph whose sizes to train")
+    ap.add_argument("--minutes", type=float, default=None, help="training wall-clock budget (8.5; tiny: 0.5)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: a few steps of everything, < 60 s")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=None, help="clips per denoiser step (64; tiny: 2)")
+    ap.add_argument("--ae-batch", type=int, default=None, help="frames per autoencoder step (64; tiny: 4)")
+    ap.add_argument("--blocks", type=int, default=None, help="blocks per training clip (6; tiny: 3)")
+    ap.add_argument("--steps", type=int, default=None, help="fix the denoiser's step count (else from the budget)")
+    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--self-context", type=float, default=0.5,
+                    help="share of clips whose context is the model's own estimate (after a ramp)")
+    ap.add_argument("--ae-share", type=float, default=0.15, help="share of the budget for the autoencoder")
+    ap.add_argument("--ae-from", type=Path, default=None,
+                    help="autoencoder.pt of an earlier run: skip stage 1 (e.g. two calls of a few minutes)")
+    ap.add_argument("--ae-only", action="store_true", help="stage 1 only (all of --minutes); see --ae-from")
+    ap.add_argument("--ae-lr", type=float, default=1e-3)
+    ap.add_argument("--no-eval", action="store_true", help="skip the CPU evaluation through the engine")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg = graph_config(args.graph)
+    st = Settings(args, cfg)
+    budget = st.minutes * 60
+    say(f"training {args.graph.name} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+        f"torch {torch.__version__}, budget {st.minutes:.1f} min, seed {st.seed}")
+    log = {"config": {k: v for k, v in cfg.items()}, "settings": dict(vars(st)), "ae": [], "dit": [],
+           "device": str(device), "torch": torch.__version__}
+    meta = {"made_by": "tools/train_demo.py", "seed": st.seed, "minutes": st.minutes, "graph": args.graph.name,
+            "config": cfg, "prefixes": {"text_encoder": "text.", "causal_denoiser": "dit.", "latent_decoder": "decoder."}}
+
+    if args.ae_from:  # stage 1 done already (e.g. in an earlier run): all the budget goes to stage 2
+        enc = Encoder(cfg["decoder"]["channels"], 64, cfg["decoder"]["upsample"])
+        _, _, dec = build_models(cfg)
+        ae = torch.load(args.ae_from, map_location="cpu", weights_only=True)
+        enc.load_state_dict(ae["encoder"])
+        dec.load_state_dict(ae["decoder"])
+        enc.to(device).eval()
+        dec.to(device).eval()
+        log["ae_final"] = {"from": str(args.ae_from)}
+        say(f"autoencoder from {args.ae_from}")
+    else:
+        enc, dec, _ = train_autoencoder(cfg, st, device, budget * (1.0 if args.ae_only else st.ae_share), log)
+        torch.save({"encoder": enc.state_dict(), "decoder": dec.state_dict()}, args.out / "autoencoder.pt")
+        if args.ae_only:
+            (args.out / "train_log.json").write_text(json.dumps(log, indent=1))
+            say(f"wrote {args.out / 'autoencoder.pt'}")
+            return 0
+    t_dit = time.perf_counter()
+    text, dit = train_denoiser(cfg, st, device, budget - (t_dit - T0), enc, dec, log, args.out, meta)
+    weights = args.out / "demo_weights.safetensors"
+    save_weights(weights, text, dit, dec, dict(meta, denoiser_steps=log["dit_final"]["steps"],
+                                               autoencoder=log["ae_final"], final=True))
+    say(f"wrote {weights} ({weights.stat().st_size / 1e6:.1f} MB)")
+    log["wall_s"] = time.perf_counter() - T0
+    (args.out / "train_log.json").write_text(json.dumps(log, indent=1))
+    plot_losses(log, args.out / "loss.png")
+    if not args.no_eval:
+        try:
+            torch.set_num_threads(min(torch.get_num_threads(), 8))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # nan means of frames with no shape
+                evaluate(args.graph, weights, args.out, st.eval_blocks, log, st.eval_prompts)
+        except Exception as exc:  # the weights are written; say why the evaluation failed and go on
+            import traceback
+
+            traceback.print_exc()
+            log["eval_error"] = repr(exc)
+    log["wall_s"] = time.perf_counter() - T0
+    (args.out / "train_log.json").write_text(json.dumps(log, indent=1))
+    say(f"done in {log['wall_s']:.0f} s: " + ", ".join(str(p) for p in sorted(args.out.iterdir())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

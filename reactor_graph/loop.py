@@ -270,10 +270,10 @@ class Engine:
             while not stop.is_set() and (max_blocks is None or result.blocks < max_blocks):
                 if before_block:
                     before_block(result.blocks)
+                t0 = time.perf_counter()  # the block starts at its boundary: commands and swaps count
                 if self._apply(self.commands.drain()):
                     self.reset_nodes()
                     seq = 0
-                t0 = time.perf_counter()
                 out = self.run_block(seq)
                 block = self.copier.emit(result.blocks, out, self.plan.nodes[self.plan.output].params, t0)
                 self.stats.last_block_s = time.perf_counter() - t0

@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 from reactor_graph.cli import app
 
-FIELDS = {"mode", "note", "load_s", "compile_s", "capture_s", "ttff_s", "block_ms", "hot_path_ms", "overhead_ms",
+FIELDS = {"mode", "note", "load_s", "compile_s", "capture_s", "ttff_s", "block_ms", "hot_path_ms", "overhead_ms", "fps_synced",
           "fps", "nodes_ms", "peak_memory_mb", "recompiles", "graphs"}
 
 

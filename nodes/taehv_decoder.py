@@ -13,26 +13,17 @@ stage widths and latent channels are read from the file).
 """
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from reactor_graph.node import Node, Port, register
+from reactor_graph.node import register
+from reactor_graph.nodes._causal_decoder import CausalVideoDecoder
 from reactor_graph.weights import RANDOM, resolve_weights
 
 
-def check_frame_size(graph, scale: int) -> tuple[int, int]:
-    if graph.height % scale or graph.width % scale:
-        raise ValueError(f"frame size {graph.height}x{graph.width} is not a multiple of the decoder's {scale}x "
-                         f"upsampling")
-    return graph.height // scale, graph.width // scale
-
-
 @register("taehv_decoder")
-class TAEHVDecoderNode(Node):
+class TAEHVDecoderNode(CausalVideoDecoder):
     description = ("TAEHV tiny causal video decoder for Wan2.1 latents: [16, t, h, w] -> [T, 3, 8h, 8w] in [-1, 1]; "
                    "T = 4t-3 in a session's first block, 4t after.")
-    every_block = True
-    accepts_random_weights = True
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -42,23 +33,9 @@ class TAEHVDecoderNode(Node):
         weights: str = Field(RANDOM, description="'random', or a local taew2_1.pth / .safetensors")
         seed: int = Field(0, description="seed of random weights (added to the graph's seed)")
 
-    def __init__(self, name, params, graph):
-        super().__init__(name, params, graph)
-        self.latent_hw = check_frame_size(graph, 8)
-
-    def ports(self):
-        g, c = self.graph, self.params.latent_channels
-        return ({"latents": Port("tensor", "float", (c, "t", *self.latent_hw), "latent block [C, t, h, w]")},
-                {"frames": Port("tensor", "float", ("T", 3, g.height, g.width),
-                                "[T, 3, H, W] in [-1, 1]; T = 4t-3 in the first block, 4t after")})
-
-    def num_phases(self) -> int:
-        return 2
-
-    def phase_for_block(self, block: int) -> int:
-        from reactor_graph.models.taehv import PHASE_FIRST, PHASE_STEADY
-
-        return PHASE_FIRST if block == 0 else PHASE_STEADY
+    @property
+    def latent_channels(self) -> int:
+        return self.params.latent_channels
 
     def load(self, device, dtype):
         super().load(device, dtype)
@@ -66,10 +43,7 @@ class TAEHVDecoderNode(Node):
 
         p = self.params
         if p.weights == RANDOM:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.graph.seed + p.seed)
-                model = TAEHVDecoder(p.channels, p.latent_channels)
-            model.to(device=device, dtype=dtype)
+            model = self.random_model(lambda: TAEHVDecoder(p.channels, p.latent_channels))
         else:
             model = load_taehv(resolve_weights(p.weights, self.graph.root, "TAEHV"), device=device, dtype=dtype)
             if model.latent_channels != p.latent_channels:
@@ -77,11 +51,7 @@ class TAEHVDecoderNode(Node):
                                  f"{p.latent_channels}")
         if model.s_upscale != 8:
             raise ValueError(f"this TAEHV upsamples {model.s_upscale}x, the node expects 8x")
-        self.model = model.eval().requires_grad_(False)
-        self.model.allocate_state(1, *self.latent_hw, device=device, dtype=dtype)
-
-    def reset(self):
-        self.model.reset()
+        self.use(model)
 
     def forward(self, latents):
         # [C, t, h, w] -> TAEHV's [B, t, C, h, w]; frames [B, T, 3, H, W] -> [T, 3, H, W]

@@ -12,20 +12,17 @@ default init, seeded), or a local `Wan2.1_VAE.pth` / `.safetensors` (its decoder
 """
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from reactor_graph.node import Node, Port, register
-from reactor_graph.nodes.taehv_decoder import check_frame_size
+from reactor_graph.node import register
+from reactor_graph.nodes._causal_decoder import CausalVideoDecoder
 from reactor_graph.weights import RANDOM, resolve_weights
 
 
 @register("wan_vae_decoder")
-class WanVAEDecoderNode(Node):
+class WanVAEDecoderNode(CausalVideoDecoder):
     description = ("Wan2.1 causal VAE decoder, streamed over fixed caches: [16, t, h, w] -> [T, 3, 8h, 8w] in "
                    "[-1, 1]; T = 4t-3 in a session's first block, 4t after.")
-    every_block = True
-    accepts_random_weights = True
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -34,41 +31,16 @@ class WanVAEDecoderNode(Node):
         weights: str = Field(RANDOM, description="'random', or a local Wan2.1_VAE.pth / .safetensors")
         seed: int = Field(0, description="seed of random weights (added to the graph's seed)")
 
-    def __init__(self, name, params, graph):
-        super().__init__(name, params, graph)
-        self.latent_hw = check_frame_size(graph, 8)
-
-    def ports(self):
-        g = self.graph
-        return ({"latents": Port("tensor", "float", (16, "t", *self.latent_hw), "latent block [16, t, h, w]")},
-                {"frames": Port("tensor", "float", ("T", 3, g.height, g.width),
-                                "[T, 3, H, W] in [-1, 1]; T = 4t-3 in the first block, 4t after")})
-
-    def num_phases(self) -> int:
-        return 2
-
-    def phase_for_block(self, block: int) -> int:
-        from reactor_graph.models.wan_vae import PHASE_FIRST, PHASE_STEADY
-
-        return PHASE_FIRST if block == 0 else PHASE_STEADY
-
     def load(self, device, dtype):
         super().load(device, dtype)
         from reactor_graph.models.wan_vae import WanVAEDecoder, load_wan_vae
 
         p = self.params
         if p.weights == RANDOM:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.graph.seed + p.seed)
-                model = WanVAEDecoder(dim=p.dim)
-            model.to(device=device, dtype=dtype)
+            model = self.random_model(lambda: WanVAEDecoder(dim=p.dim))
         else:
             model = load_wan_vae(resolve_weights(p.weights, self.graph.root, "Wan VAE"), device=device, dtype=dtype)
-        self.model = model.eval().requires_grad_(False)
-        self.model.allocate_state(1, *self.latent_hw, device=device, dtype=dtype)
-
-    def reset(self):
-        self.model.reset()
+        self.use(model)
 
     def forward(self, latents):
         # [C, t, h, w] -> [1, C, t, h, w]; frames [1, 3, T, H, W] -> [T, 3, H, W] (a view; emit takes any strides)

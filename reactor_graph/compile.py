@@ -35,7 +35,6 @@ class HotPath:
         self.plan, self.nodes = plan, nodes
         self.order = list(plan.hot)
         self.current: str | None = None  # the node running now, for watchdog and error messages
-        self.timer: Callable[[str, float], None] | None = None  # bench's per-node hook
         self._external: list[Source] | None = None  # computed once; a swap clears it
         self._host_ports: dict[tuple, set[str]] = {}
 
@@ -79,7 +78,6 @@ class HotPath:
             node = self.nodes[name]
             node.phase = phases.get(name, 0)
             self.current = name
-            t0 = time.perf_counter() if self.timer else 0.0
             try:
                 self.prepare_host(name, values)
                 outs = node.forward(**self.forward_inputs(name, values))
@@ -87,8 +85,6 @@ class HotPath:
                 raise
             except Exception as exc:
                 raise NodeError(name, node.type_name, "forward", exc) from exc
-            if self.timer:
-                self.timer(name, time.perf_counter() - t0)
             for port, value in outs.items():
                 values[Source(name, port)] = value
         self.current = None
@@ -149,7 +145,7 @@ class CompiledHotPath:
         for name in hot.order:
             node = hot.nodes[name]
             host_inputs = bool(hot.host_ports(name)) and not node.splits_host_inputs()
-            if not getattr(node, "capturable", True) or host_inputs:
+            if not node.capturable or host_inputs:
                 upstream = [s.node for s in plan.bindings[name].values() if s.node in hot.order]
                 if any(u not in self.prologue for u in upstream):
                     raise CaptureError(f"node '{name}' cannot be captured (it takes host values) and depends on "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -79,6 +79,8 @@ class Node:
     every_block: ClassVar[bool] = False
     # The node whose outputs are the stream (emit); exactly one per graph.
     is_output: ClassVar[bool] = False
+    # False: never inside a captured CUDA graph (it runs just before it, on the host's schedule).
+    capturable: ClassVar[bool] = True
 
     def __init__(self, name: str, params: BaseModel, graph: GraphInfo):
         self.name = name
@@ -177,12 +179,3 @@ def resolve_type(type_name: str) -> type[Node]:
             raise TypeError(f"{type_name} is not a reactor_graph Node subclass")
         return cls
     raise KeyError(type_name)
-
-
-@dataclass
-class TensorSpec:
-    """A concrete tensor description, for static buffers and swap checks."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    extra: dict = field(default_factory=dict)

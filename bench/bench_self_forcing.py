@@ -13,8 +13,9 @@ rolling phase: the cost of every block of an endless stream (the fullest cache).
 mode, so a run cut short keeps what it measured; progress lines carry the elapsed time.
 
 Also reported: the UMT5 encode (an on-change node, once per prompt), the DiT's FLOPs per block (FlopCounterMode on
-the meta device) and the throughput they imply, and frames/s recomputed from steady-state 12-frame blocks (the
-engine's `frames_per_block` is an integer mean that counts the 9-frame first block).
+the meta device) and the throughput they imply, and frames/s from the block p50 (12 frames a rolling block).
+`--rolling false` measures Self-Forcing's own clips instead: the cache fills over 7 blocks and the sequence
+restarts (81 frames a clip, 9 in its first block); measure a multiple of 7 blocks (`--blocks 42`).
 
 No network: nothing is downloaded. Needs torch with CUDA, triton; transformers for the UMT5 node.
 """
@@ -58,6 +59,9 @@ def parse() -> argparse.Namespace:
                     help="how compiled modes compile the DiT (see nodes/wan_causal_dit.py)")
     ap.add_argument("--attention", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"])
     ap.add_argument("--decoder", choices=["taehv", "wan_vae"], default="taehv")
+    ap.add_argument("--rolling", choices=["graph", "true", "false"], default="graph",
+                    help="false: Self-Forcing's own clips (the cache fills over 7 blocks, then the sequence "
+                         "restarts: what its published frames/s measure); true: an endless rolling cache")
     ap.add_argument("--device", default="cuda", help="cpu runs too (with --graph graphs/wan_tiny.yaml)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
@@ -85,6 +89,8 @@ def build_engine(args):
             nodes[text].params["layers"] = layers
     nodes[dit].params["compile"] = args.dit_compile
     nodes[dit].params["attention"] = args.attention
+    if args.rolling != "graph":
+        nodes[dit].params["rolling"] = args.rolling == "true"
     if dec and args.decoder == "wan_vae":
         nodes[dec].type, nodes[dec].params = "wan_vae_decoder", {"weights": "random"}
     plan = build_plan(ls)
@@ -134,15 +140,16 @@ def dit_flops(engine, dit: str) -> dict:
     return out
 
 
-def summarize(mode: str, r: dict, steady_frames: int, floor_fpb: int, flops: dict | None,
+def summarize(mode: str, r: dict, steady_frames: int, flops: dict | None,
               all_rolling: bool) -> dict:
     extra = {}
     fps = r["fps"]
-    if floor_fpb and floor_fpb != steady_frames:
-        extra["fps_steady"] = fps * steady_frames / floor_fpb
-    else:
-        extra["fps_steady"] = fps
-    extra["fps_from_block_p50"] = steady_frames / (r["block_ms"]["p50"] / 1000)
+    # run_bench counts each measured block's own frames (the 9-frame first block of a clip included): no
+    # correction is needed. (A correction by the mean frames of *all* blocks, warm-up included, overstated
+    # rolling runs by 12/11 in an earlier version of this script; RESULTS used block p50 figures.)
+    extra["fps_steady"] = fps
+    extra["fps_from_block_p50"] = (r["frames_per_block"] if not all_rolling else steady_frames) / (
+        r["block_ms"]["p50"] / 1000)
     if flops and all_rolling:  # the measured blocks are all in the rolling phase
         rolling = next((v for k, v in flops.items() if k.startswith("block_rolling")), None)
         if rolling:
@@ -150,8 +157,8 @@ def summarize(mode: str, r: dict, steady_frames: int, floor_fpb: int, flops: dic
     say(f"== {mode} ({r['mode']}{': ' + r['note'] if r['note'] else ''})")
     say(f"   block p50 {r['block_ms']['p50']:.1f} ms  p95 {r['block_ms']['p95']:.1f}  p99 {r['block_ms']['p99']:.1f}"
         f"  | hot path p50 {r['hot_path_ms']['p50']:.1f} ms  | engine overhead {r['overhead_ms']:.2f} ms")
-    say(f"   frames/s sustained: {extra['fps_steady']:.1f} (12-frame blocks; run_bench's own figure "
-        f"{fps:.1f} uses {floor_fpb} frames a block); from block p50: {extra['fps_from_block_p50']:.1f}")
+    say(f"   frames/s sustained: {fps:.1f} ({r['frames_per_block']:.2f} frames a measured block); "
+        f"from block p50: {extra['fps_from_block_p50']:.1f}")
     say(f"   time to first frame {r['ttff_s'] * 1000:.0f} ms | compile {r['compile_s']:.1f}s capture "
         f"{r['capture_s']:.1f}s | graphs {r['graphs']} recompiles {r['recompiles']} | peak memory "
         f"{(r['peak_memory_mb'] or 0) / 1024:.1f} GiB")
@@ -216,10 +223,9 @@ def main() -> int:
             status = 1
             continue
         m = r["modes"][mode]
-        floor_fpb = engine.stats.frames // max(engine.stats.blocks, 1)
         report["modes"][mode] = m
         all_rolling = dit_node.params.rolling and args.warmup >= dit_node.num_phases() - 1
-        report["extra"][mode] = summarize(mode, m, steady, floor_fpb, flops, all_rolling)
+        report["extra"][mode] = summarize(mode, m, steady, flops, all_rolling)
         report["extra"][mode]["wall_s"] = time.perf_counter() - t
         report["extra"][mode]["dit_region_compiles"] = dit_node.region_compiles
         for k in ("schema", "device", "dtype", "frames_per_block"):

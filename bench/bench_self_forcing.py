@@ -65,6 +65,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--device", default="cuda", help="cpu runs too (with --graph graphs/wan_tiny.yaml)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    ap.add_argument("--switch", action="store_true",
+                    help="after each mode, a session with a set_prompt mid-stream: the block it lands in vs the others")
     return ap.parse_args()
 
 
@@ -168,6 +170,31 @@ def summarize(mode: str, r: dict, steady_frames: int, flops: dict | None,
     return extra
 
 
+def prompt_switch(engine, warmup: int, after: int = 6) -> dict:
+    """One session; a new prompt is submitted after block `warmup` and lands at the next boundary. Block times
+    are the gaps between consecutive blocks reaching the host (each waits for its frames)."""
+    marks: list[float] = []
+    switch_at = warmup + 1
+
+    def on_block(b):
+        b.video()
+        marks.append(time.perf_counter())
+        if b.index == warmup:
+            engine.submit("set_prompt", {"prompt": "a red fox running through fresh snow, low tracking shot"})
+
+    res = engine.run_session(on_block, max_blocks=warmup + after)
+    if not res.ok:
+        raise RuntimeError(res.error)
+    gaps = [(b, (marks[b] - marks[b - 1]) * 1000) for b in range(1, len(marks))]
+    others = sorted(ms for b, ms in gaps if b >= 2 and b != switch_at)
+    median = others[len(others) // 2]
+    switch_ms = dict(gaps)[switch_at]
+    say(f"   prompt switch: block {switch_at} took {switch_ms:.1f} ms against a median of {median:.1f} ms "
+        f"(stall {switch_ms - median:.1f} ms)")
+    return {"switch_block": switch_at, "switch_block_ms": switch_ms, "median_block_ms": median,
+            "stall_ms": switch_ms - median, "block_ms": dict(gaps)}
+
+
 def main() -> int:
     args = parse()
     sys.stdout.reconfigure(line_buffering=True)
@@ -227,6 +254,8 @@ def main() -> int:
         all_rolling = dit_node.params.rolling and args.warmup >= dit_node.num_phases() - 1
         report["extra"][mode] = summarize(mode, m, steady, flops, all_rolling)
         report["extra"][mode]["wall_s"] = time.perf_counter() - t
+        if args.switch:
+            report["extra"][mode]["prompt_switch"] = prompt_switch(engine, args.warmup)
         report["extra"][mode]["dit_region_compiles"] = dit_node.region_compiles
         for k in ("schema", "device", "dtype", "frames_per_block"):
             report[k] = r.get(k)

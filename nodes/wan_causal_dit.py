@@ -17,7 +17,8 @@ Phases
     From the cache: max_frames / frames_per_block filling phases, then (rolling) one rolling phase for every
     later block; Self-Forcing's 21-frame cache with 3-frame blocks has 7 + 1 = 8. Without rolling the node is
     finite (`max_blocks` = the cache's blocks) and the loop restarts the sequence after it, like the 5 s clips
-    Self-Forcing was trained on.
+    Self-Forcing was trained on. With `recache`, every phase with a non-empty cache has a re-cache twin (phase
+    number + num_base_phases - 1), which the engine picks through `phase_on_change` when `cond` changed.
 
 Text cross-attention
     The prompt's cross-attention keys/values (text_embedding + 30 layers of k/v projections over 512 tokens) are
@@ -27,8 +28,11 @@ Text cross-attention
     block's five DiT passes at 480x832: 0.08-0.2 % (FlopCounterMode on the meta device, `block_flops()` below).
     Caching them per prompt is not worth a second on-change node and a 94 MB static buffer copy; the text
     features arrive in the engine's static buffer and a new prompt is visible in the next block, no recompile.
-    LongLive's prompt-switch KV re-cache (re-encoding the cached window with the new prompt) is NOT done: the
-    self-attention cache keeps the keys/values computed under the old prompt; only cross-attention switches.
+    With `recache: false` (default) the self-attention cache keeps the keys/values computed under the old
+    prompt and only cross-attention switches. `recache: true` is LongLive's KV re-cache: in the block where new
+    text features arrive, the cached frames are re-encoded from their clean latents under the new prompt before
+    denoising (one cache-writing pass per cached block, once per switch), so the switch is not held back by
+    the old prompt's features in the cache.
 
 Compilation
     `compile: regional` (default). The engine compiles (torch.compile) and CUDA-graph captures whole hot paths;
@@ -103,6 +107,8 @@ class WanCausalDiT(Node):
         rolling: bool = Field(True, description="roll the cache when full (endless video); else the sequence "
                                                 "restarts after max_frames")
         context_noise: float = Field(0.0, ge=0, le=1000, description="timestep of the cache-writing pass")
+        recache: bool = Field(False, description="on a new prompt, re-encode the cached frames under it before "
+                                                 "the next block (LongLive's KV re-cache)")
         noise: Literal["per_step", "once"] = Field("per_step", description="per_step: noise of shape (C, steps*T, "
                                                    "h, w), fresh per step; once: (C, T, h, w), reused")
         weights: str = Field(RANDOM, description="'random', or a local Wan/Self-Forcing/CausVid/LongLive "
@@ -161,11 +167,24 @@ class WanCausalDiT(Node):
             {"latents": Port("tensor", "float", (c.out_dim, t, *p.latent_size), "clean latent block [C, T, h, w]")},
         )
 
-    def num_phases(self) -> int:
+    def num_base_phases(self) -> int:
         return self.cache_blocks + (1 if self.params.rolling else 0)
+
+    def num_phases(self) -> int:
+        base = self.num_base_phases()
+        return base + (base - 1 if self.params.recache else 0)
 
     def phase_for_block(self, block: int) -> int:
         return min(block, self.cache_blocks if self.params.rolling else self.cache_blocks - 1)
+
+    def phase_on_change(self, phase: int, changed: frozenset[str]) -> int:
+        if self.params.recache and "cond" in changed and 0 < phase < self.num_base_phases():
+            return phase + self.num_base_phases() - 1  # the twin that re-encodes the cache first
+        return phase
+
+    def _base_phase(self, phase: int) -> tuple[int, bool]:
+        base = self.num_base_phases()
+        return (phase, False) if phase < base else (phase - base + 1, True)
 
     def max_blocks(self) -> int | None:
         return None if self.params.rolling else self.cache_blocks
@@ -193,7 +212,7 @@ class WanCausalDiT(Node):
         schedule = FlowMatchSchedule(denoising_steps=self.timesteps, shift=p.shift, warp=p.warp)
         self.gen = BlockCausalWan(self.model, self.cache, schedule, context_noise=p.context_noise)
         self.phases = self.cache.phases()
-        assert len(self.phases) == self.num_phases(), (len(self.phases), self.num_phases())
+        assert len(self.phases) == self.num_base_phases(), (len(self.phases), self.num_base_phases())
         self.out = torch.zeros(1, cfg.out_dim, p.frames_per_block, *p.latent_size, device=device, dtype=dtype)
 
     def reset(self):
@@ -222,8 +241,10 @@ class WanCausalDiT(Node):
     def _generate(self, cond: torch.Tensor, noise: torch.Tensor, phase: int) -> torch.Tensor:
         if cond.shape[0] > self.cfg.text_len:
             raise ValueError(f"cond has {cond.shape[0]} tokens; this model takes at most {self.cfg.text_len}")
+        base, recache = self._base_phase(phase)
         with self._attention():
-            self.gen.generate_block(self._step_noise(noise), cond[None], self.phases[phase], out=self.out)
+            self.gen.generate_block(self._step_noise(noise), cond[None], self.phases[base], out=self.out,
+                                    recache=recache)
         return self.out[0]
 
     @torch.compiler.disable
@@ -293,6 +314,7 @@ class WanCausalDiT(Node):
                                                  c.shift_sin.expand(cnt, -1)))
                 v[:, d:d + cnt].copy_(v[:, s:s + cnt])
                 pos += cnt
+        c.roll_latents_()
 
 
 @functools.lru_cache(maxsize=8)

@@ -296,13 +296,14 @@ class CompiledHotPath:
 def phase_keys(engine, horizon: int | None = None) -> list[tuple[int, dict[str, int]]]:
     """(first block, phases) for every distinct phase combination a session goes through, in order."""
     limit = horizon or 1 + max((engine.nodes[n].num_phases() for n in engine.plan.hot), default=1)
+    every_input = {n: frozenset(engine.plan.bindings[n]) for n in engine.plan.hot}
     seen, out = set(), []
-    for block in range(limit):
-        phases = engine.phases(block)
-        key = tuple(sorted(phases.items()))
-        if key not in seen:
-            seen.add(key)
-            out.append((block, phases))
+    for block in range(limit):  # each block as it comes, then as it runs when every input just changed
+        for phases in (engine.phases(block), engine.phases(block, every_input)):
+            key = tuple(sorted(phases.items()))
+            if key not in seen:
+                seen.add(key)
+                out.append((block, phases))
     return out
 
 

@@ -76,6 +76,7 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._seen: dict[str, dict[Source, int]] = {}  # on-change node -> versions of its inputs last run
+        self._last_versions: dict[Source, int] | None = None  # hot path's external versions at the last block
         self._versions: dict[Source, int] = {}
         self._values: dict[Source, Any] = {}
         self.executor: Callable = self.hot
@@ -164,6 +165,7 @@ class Engine:
             except Exception:  # a reset that fails must not stop the others from resetting
                 log.exception("reset of node %s failed", name)
         self._seen.clear()
+        self._last_versions = None
 
     def _apply(self, pending: list[Pending]) -> bool:
         """Apply queued commands at a block boundary. Returns True if the sequence restarts."""
@@ -240,14 +242,35 @@ class Engine:
             lengths.append(self.plan.spec.spec.wrap_blocks)
         return min(lengths) if lengths else None
 
-    def phases(self, block: int) -> dict[str, int]:
-        return {n: self.nodes[n].phase_for_block(block) for n in self.plan.hot}
+    def phases(self, block: int, changed: dict[str, frozenset[str]] | None = None) -> dict[str, int]:
+        """Each hot node's phase for `block`; `changed`: per node, its inputs whose value moved since the
+        previous block of the sequence (a node may pick another phase for that: `Node.phase_on_change`)."""
+        out = {}
+        for n in self.plan.hot:
+            node = self.nodes[n]
+            phase = node.phase_for_block(block)
+            if changed and changed.get(n):
+                phase = node.phase_on_change(phase, changed[n])
+            out[n] = phase
+        return out
+
+    def changed_inputs(self, versions: dict[Source, int]) -> dict[str, frozenset[str]]:
+        """Per hot node, the inputs whose source has a new version since the previous block (none for the
+        first block of a sequence); remembers `versions` for the next call."""
+        last, self._last_versions = self._last_versions, versions
+        if last is None:
+            return {}
+        moved = {src for src, v in versions.items() if last.get(src) != v}
+        if not moved:
+            return {}
+        return {n: frozenset(p for p, src in self.plan.bindings[n].items() if src in moved) for n in self.plan.hot}
 
     def run_block(self, block: int) -> dict[str, Any]:
         """One block: on-change nodes whose inputs moved, then the hot path. Returns the output's values."""
         with torch.inference_mode():
             self.run_on_change()
-            return self.executor(self.external(), self.phases(block), self.external_versions())
+            versions = self.external_versions()
+            return self.executor(self.external(), self.phases(block, self.changed_inputs(versions)), versions)
 
     def run_session(self, on_block: Callable[[Block], None], max_blocks: int | None = None,
                     stop: threading.Event | None = None,

@@ -102,6 +102,11 @@ class Node:
         """Which phase block `block` of a session runs in. Host-side arithmetic only."""
         return 0
 
+    def phase_on_change(self, phase: int, changed: frozenset[str]) -> int:
+        """The phase to run instead of `phase` in a block where the inputs `changed` (names) got new values
+        (e.g. a KV cache re-encoding its window under a new prompt). Must stay below num_phases()."""
+        return phase
+
     def max_blocks(self) -> int | None:
         """A finite node (a clip source) returns its length; the loop wraps after it."""
         return None

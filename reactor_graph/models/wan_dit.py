@@ -61,7 +61,10 @@ Two passes per block (as Self-Forcing)
     2. `write_cache`: the denoised block at timestep `context_noise` (0 by default; Self-Forcing passes the
        clean latents with that timestep and adds no noise) writes its keys/values into its slot. The last
        layer's attention/FFN and the head are skipped: their outputs are not needed for the cache.
-    `generate_block(noise, context, phase)` is: roll (rolling phase only), the few-step sampler
+    The clean latents are kept next to their keys/values (`KVCache.latents`), so after a prompt switch the
+    cached frames can be re-encoded under the new prompt's cross-attention (`recache`, LongLive's KV re-cache:
+    without it the self-attention cache keeps the old prompt's features and the switch lags).
+    `generate_block(noise, context, phase)` is: roll (rolling phase only), the optional re-cache, the few-step sampler
     (`FlowMatchSchedule`), the cache write. The caller passes all noise (no RNG inside), every loop bound is a
     Python int, so the whole call is static and capture-friendly.
 """
@@ -493,6 +496,7 @@ class KVCache:
     """Static self-attention KV cache for `max_frames` latent frames + the cross-attention KV of the prompt.
 
     kv:    [layers, 2, B, max_tokens, heads, head_dim]  (RoPE'd keys, values)
+    latents: [B, C, max_frames, h, w]  the clean latents the cached frames were written from
     cross: [layers, 2, B, text_len, heads, head_dim]
     rope_cos/rope_sin: [max_tokens, head_dim/2] float32, the angles of each slot (position = slot).
     """
@@ -524,6 +528,8 @@ class KVCache:
         self.num_blocks = max_frames // frames_per_block
         L, H, D = cfg.num_layers, cfg.num_heads, cfg.head_dim
         self.kv = torch.zeros(L, 2, batch_size, self.max_tokens, H, D, dtype=dtype, device=device)
+        # the clean latents behind each cached frame, so the window can be re-encoded (`BlockCausalWan.recache`)
+        self.latents = torch.zeros(batch_size, cfg.out_dim, max_frames, *latent_hw, dtype=dtype, device=device)
         self.cross = torch.zeros(L, 2, batch_size, cfg.text_len, H, D, dtype=dtype, device=device)
         self.rope_cos, self.rope_sin = rope_tables(cfg, max_frames, self.grid_hw, device=device)
         # rotation by -frames_per_block frames (frame band only): applied to the keys that a roll moves
@@ -579,11 +585,21 @@ class KVCache:
                                                self.shift_sin.expand(c, -1)))
                 v[:, d:d + c].copy_(v[:, s:s + c])
                 pos += c
+        self.roll_latents_()
+
+    @torch.no_grad()
+    def roll_latents_(self) -> None:
+        """The latent frames move as their keys/values do (front to back, chunks of F: no overlap)."""
+        f, lat = self.frames_per_block, self.latents
+        for d in range(self.sink_frames, self.max_frames - f, f):
+            c = min(f, self.max_frames - f - d)
+            lat[:, :, d:d + c].copy_(lat[:, :, d + f:d + f + c])
 
     @torch.no_grad()
     def reset_(self) -> None:
         """Zero the buffers (not needed for correctness: phase b only reads slots that phases < b wrote)."""
         self.kv.zero_()
+        self.latents.zero_()
 
 
 # ------------------------------------------------------------------------------------------------ sampler
@@ -697,18 +713,35 @@ class BlockCausalWan:
         """Write the block's keys/values (clean latents at timestep `context_noise`) into its slot."""
         t = self._t_ctx.expand(*self._bf)
         self.model.forward_block(x0, t, context, self.cache, phase.cache_start, write_kv=True, return_output=False)
+        f = x0.shape[2]
+        self.cache.latents[:, :, phase.start_frame:phase.start_frame + f].copy_(x0)
+
+    @torch.no_grad()
+    def recache(self, frames: int) -> None:
+        """Re-encode the cached frames [0, frames) from their clean latents under the current cross-attention
+        (LongLive's KV re-cache after a prompt switch): block by block from the front, each block attending
+        to the re-encoded ones before it, as they were first written. Costs frames / F cache-writing passes."""
+        f, n = self.cache.frames_per_block, self.cache.tokens_per_frame
+        t = self._t_ctx.expand(*self._bf)
+        for start in range(0, frames, f):
+            x0 = self.cache.latents[:, :, start:min(start + f, frames)]
+            self.model.forward_block(x0, t[:, :x0.shape[2]], None, self.cache, start * n, write_kv=True,
+                                     return_output=False)
 
     @torch.no_grad()
     def generate_block(self, noise: torch.Tensor, context: torch.Tensor | None, phase: Phase,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+                       out: torch.Tensor | None = None, recache: bool = False) -> torch.Tensor:
         """Generate one block. noise: [num_steps, B, C, F, H, W] -- noise[0] is x_T, noise[i] re-noises to
         step i (Self-Forcing draws fresh noise each step); a [B, C, F, H, W] noise is reused for every step.
         context: T5 features (their cross-attention k/v are (re)written into the cache first) or None (use
-        the ones from `set_context`). Returns the clean latents x0 [B, C, F, H, W] (float32, or into `out`)."""
+        the ones from `set_context`). recache: re-encode the cached frames under this context first (after a
+        prompt switch). Returns the clean latents x0 [B, C, F, H, W] (float32, or into `out`)."""
         if context is not None:
             self.set_context(context)
         if phase.roll:
             self.cache.roll_()
+        if recache:
+            self.recache(phase.start_frame)
         per_step = noise.dim() == 6
         x = (noise[0] if per_step else noise).float()
         x0 = x

@@ -388,3 +388,80 @@ def test_bf16_model_and_cache_track_float32():
     for a, b in zip(outs[torch.float32], outs[torch.bfloat16]):
         assert b.dtype == torch.float32 and torch.isfinite(b).all()
         assert (a - b).norm() / a.norm() < 5e-2
+
+
+# ---------------------------------------------------------------------------------------- prompt re-cache
+
+
+def _write_fresh(model, cfg, latents, ctx, *, max_frames, fpb, sink):
+    """A new cache holding `latents` [1, C, T, h, w] written block by block from slot 0 under `ctx`."""
+    cache = KVCache(cfg, batch_size=1, latent_hw=(H_LAT, W_LAT), max_frames=max_frames, frames_per_block=fpb,
+                    sink_frames=sink, dtype=torch.float32)
+    gen = BlockCausalWan(model, cache)
+    gen.set_context(ctx)
+    for b in range(latents.shape[2] // fpb):
+        gen.write_cache(latents[:, :, b * fpb:(b + 1) * fpb], cache.phases()[b])
+    return cache
+
+
+@pytest.mark.parametrize("sink", [0, 2])
+def test_recache_rewrites_the_window_as_if_written_under_the_new_prompt(sink):
+    model = tiny_model(4)
+    cfg = model.cfg
+    ctx_a, ctx_b = tiny_context(cfg, 5), tiny_context(cfg, 6)
+    fpb, max_frames, blocks = 2, 6, 6
+    cache = KVCache(cfg, batch_size=1, latent_hw=(H_LAT, W_LAT), max_frames=max_frames, frames_per_block=fpb,
+                    sink_frames=sink, dtype=torch.float32)
+    gen = BlockCausalWan(model, cache)
+    noise = block_noise(4, fpb, blocks + 1, seed=7)
+    clean = [gen.generate_block(noise[b], ctx_a, gen.phase_for_block(b)) for b in range(blocks)]
+
+    # the latents beside the cache are the frames it holds: the sink from the start, then the latest frames
+    video = torch.cat(clean, dim=2)
+    held = list(range(sink)) + list(range(video.shape[2] - (max_frames - sink), video.shape[2]))
+    assert torch.allclose(cache.latents, video[:, :, held], atol=1e-6)
+
+    # a prompt switch with re-cache: afterwards the whole cache is what writing its latents under the new
+    # prompt from scratch gives; without re-cache, the frames before the new block keep the old prompt's
+    phase = gen.phase_for_block(blocks)
+    plain = KVCache(cfg, batch_size=1, latent_hw=(H_LAT, W_LAT), max_frames=max_frames, frames_per_block=fpb,
+                    sink_frames=sink, dtype=torch.float32)
+    plain.kv.copy_(cache.kv), plain.latents.copy_(cache.latents)
+    gen.generate_block(noise[blocks], ctx_b, phase, recache=True)
+    want = _write_fresh(model, cfg, cache.latents, ctx_b, max_frames=max_frames, fpb=fpb, sink=sink)
+    assert torch.allclose(cache.kv, want.kv, atol=1e-5)
+    BlockCausalWan(model, plain).generate_block(noise[blocks], ctx_b, phase)
+    assert (plain.kv - want.kv).abs().max() > 1e-2
+
+
+def test_recache_during_filling_covers_only_written_frames():
+    model = tiny_model(4)
+    cfg = model.cfg
+    ctx_a, ctx_b = tiny_context(cfg, 5), tiny_context(cfg, 6)
+    cache = KVCache(cfg, batch_size=1, latent_hw=(H_LAT, W_LAT), max_frames=9, frames_per_block=3,
+                    rolling=False, dtype=torch.float32)
+    gen = BlockCausalWan(model, cache)
+    noise = block_noise(4, 3, 3, seed=8)
+    x0 = gen.generate_block(noise[0], ctx_a, gen.phase_for_block(0))
+    x1 = gen.generate_block(noise[1], ctx_b, gen.phase_for_block(1), recache=True)
+    want = _write_fresh(model, cfg, torch.cat([x0, x1], dim=2), ctx_b, max_frames=9, fpb=3, sink=0)
+    n = 6 * cache.tokens_per_frame
+    assert torch.allclose(cache.kv[:, :, :, :n], want.kv[:, :, :, :n], atol=1e-5)
+    assert torch.equal(cache.latents[:, :, 6:], torch.zeros_like(cache.latents[:, :, 6:]))  # nothing beyond
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_ffn_with_gelu_epilogue_matches_the_plain_path():
+    from reactor_graph.models.wan_dit import _ffn
+
+    torch.manual_seed(0)
+    ffn = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(160, 96))
+    ffn = ffn.to("cuda", torch.bfloat16)
+    h = torch.randn(1, 37, 96, device="cuda")
+    got = _ffn(ffn, h).float()  # cuBLASLt's GELU epilogue
+    plain = ffn(h.to(torch.bfloat16)).float()
+    ref = ffn.double()(h.to(torch.bfloat16).double()).float()  # float64 ground truth (converts ffn in place)
+    assert got.shape == (1, 37, 96)
+    err = lambda y: ((y - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert err(got) < 1e-2 and err(got) <= err(plain) * 1.5

@@ -45,8 +45,8 @@ def test_shipped_graphs_validate_with_bounded_phases():
     assert sf.on_change == ["text"] and sf.hot == ["noise", "dit", "decode", "out"]
     assert sf.nodes["dit"].num_phases() == 8 and sf.nodes["decode"].num_phases() == 2
     assert len(phase_keys(Engine(sf, device="cpu"))) == 8  # 7 filling blocks + 1 rolling: 8 captured graphs
-    ll = load_plan(GRAPHS / "longlive.yaml")
-    assert ll.nodes["dit"].num_phases() == 5 and len(phase_keys(Engine(ll, device="cpu"))) == 5
+    ll = load_plan(GRAPHS / "longlive.yaml")  # 4 filling + rolling, and 4 re-cache twins (recache: true)
+    assert ll.nodes["dit"].num_phases() == 9 and len(phase_keys(Engine(ll, device="cpu"))) == 9
     tiny = load_plan(GRAPHS / "wan_tiny.yaml")
     assert len(phase_keys(Engine(tiny, device="cpu"))) == 4
 
@@ -99,6 +99,41 @@ def test_compiled_equals_eager_without_recompiles_across_a_prompt_change(write_g
     assert ex.recompiles == 0 and ex.compiles == at_start and dit.region_compiles == regions
     for a, b in zip(eager, compiled, strict=True):
         assert a.shape == b.shape and np.abs(a - b).max() <= 1
+
+
+def _log_recaches(engine) -> list[bool]:
+    gen, log = engine.nodes["dit"].gen, []
+    plain = gen.generate_block
+
+    def logged(*args, recache=False, **kw):
+        log.append(recache)
+        return plain(*args, recache=recache, **kw)
+
+    gen.generate_block = logged
+    return log
+
+
+def test_prompt_switch_recache_runs_once_in_its_block_compiled_as_eager(write_graph):
+    path = write_graph(tiny_text(**{"rolling: true": "rolling: true, recache: true"}))
+    plan = load_plan(path)
+    dit = plan.nodes["dit"]
+    assert dit.num_phases() == 7  # 3 filling + rolling, and a re-cache twin of each phase with a cache
+    assert [dit.phase_on_change(p, frozenset({"cond"})) for p in range(4)] == [0, 4, 5, 6]
+    assert dit.phase_on_change(2, frozenset({"noise"})) == 2
+    eager_engine = Engine(plan, device="cpu").load()
+    log = _log_recaches(eager_engine)
+    eager = run(eager_engine, 5, change_at=2)  # submitted after block 2: lands at block 3 (rolling)
+    assert log == [False, False, False, True, False]
+    assert run(eager_engine, 2) and log[5:] == [False, False]  # a new session: its first prompt is no switch
+    engine = Engine(load_plan(path), device="cpu", compile="compile", compile_backend="aot_eager").load()
+    assert len(engine.executor.states) == 7 and engine.nodes["dit"].region_compiles == 3
+    log = _log_recaches(engine)
+    compiled = run(engine, 5, change_at=2)
+    assert log == [False, False, False, True, False] and engine.executor.recompiles == 0
+    for a, b in zip(eager, compiled, strict=True):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1
+    plain = run(Engine(load_plan(write_graph(TINY)), device="cpu").load(), 5, change_at=2)
+    assert np.array_equal(plain[3], eager[3]) is False and np.array_equal(plain[2], eager[2])
 
 
 @pytest.mark.gpu

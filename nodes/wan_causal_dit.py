@@ -292,29 +292,9 @@ class WanCausalDiT(Node):
             blk.qkv = route(qkv, WanBlock.qkv, blk)
             blk.finish = route(finish, WanBlock.finish, blk)
         cache = self.cache
-        cache.roll_ = lambda: self._roll_regional() if self._regional else KVCache.roll_(cache)
+        # the same roll, with the keys' re-rotation compiled: one fused kernel per chunk, not a float32 round trip
+        cache.roll_ = lambda: KVCache.roll_(cache, rope=self._rope if self._regional else apply_rope)
         self._regions_ready = True
-
-    @torch.no_grad()
-    def _roll_regional(self) -> None:
-        """KVCache.roll_ (same chunks, same order) with the keys' re-rotation compiled: one fused kernel per
-        chunk instead of a float32 round trip through several."""
-        c = self.cache
-        n = c.tokens_per_frame
-        shift = c.frames_per_block * n
-        dst0, src0 = c.sink_frames * n, (c.sink_frames + c.frames_per_block) * n
-        length = c.max_tokens - src0
-        for layer in range(c.kv.shape[0]):
-            k, v = c.kv[layer, 0], c.kv[layer, 1]
-            pos = 0
-            while pos < length:
-                cnt = min(shift, length - pos)
-                s, d = src0 + pos, dst0 + pos
-                k[:, d:d + cnt].copy_(self._rope(k[:, s:s + cnt], c.shift_cos.expand(cnt, -1),
-                                                 c.shift_sin.expand(cnt, -1)))
-                v[:, d:d + cnt].copy_(v[:, s:s + cnt])
-                pos += cnt
-        c.roll_latents_()
 
 
 @functools.lru_cache(maxsize=8)

@@ -566,11 +566,12 @@ class KVCache:
     # in-place roll
 
     @torch.no_grad()
-    def roll_(self) -> None:
+    def roll_(self, rope=apply_rope) -> None:
         """Drop frames [sink, sink + F) and move [sink + F, max_frames) to [sink, max_frames - F), in place,
         re-rotating the moved keys by -F frames so each key's RoPE position stays its slot. Copies go front
         to back in chunks of F frames (never overlapping within a chunk), per layer to keep temporaries small.
-        The last slot keeps stale data until the next block overwrites it."""
+        The last slot keeps stale data until the next block overwrites it. `rope`: the rotation to use (a
+        compiled `apply_rope` fuses it into one kernel per chunk)."""
         n = self.tokens_per_frame
         shift = self.frames_per_block * n
         dst0, src0, end = self.sink_frames * n, (self.sink_frames + self.frames_per_block) * n, self.max_tokens
@@ -581,8 +582,7 @@ class KVCache:
             while pos < length:
                 c = min(shift, length - pos)
                 s, d = src0 + pos, dst0 + pos
-                k[:, d:d + c].copy_(apply_rope(k[:, s:s + c], self.shift_cos.expand(c, -1),
-                                               self.shift_sin.expand(c, -1)))
+                k[:, d:d + c].copy_(rope(k[:, s:s + c], self.shift_cos.expand(c, -1), self.shift_sin.expand(c, -1)))
                 v[:, d:d + c].copy_(v[:, s:s + c])
                 pos += c
         self.roll_latents_()

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from reactor_graph.models.streaming import PHASE_FIRST, PHASE_STEADY
 from reactor_graph.node import Node, Port
-
-PHASE_FIRST, PHASE_STEADY = 0, 1  # the models' own phase numbers (reactor_graph.models.taehv / wan_vae)
 
 
 class CausalVideoDecoder(Node):

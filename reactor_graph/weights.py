@@ -17,6 +17,8 @@ def resolve(path: str | Path, root: Path | None) -> Path:
 
 
 def read_state_dict(path: str | Path, root: Path | None = None) -> dict[str, torch.Tensor]:
+    """A `.safetensors` or torch (`.pth`/`.pt`, tensors only) state dict on the CPU, unwrapped from the usual
+    training wrappers; `path` relative to `root`."""
     p = resolve(path, root)
     if not p.exists():
         raise FileNotFoundError(f"weights file {p} does not exist (weights are read from local files only)")
@@ -28,6 +30,8 @@ def read_state_dict(path: str | Path, root: Path | None = None) -> dict[str, tor
     for key in ("state_dict", "model", "generator_ema", "generator"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{p}: expected a state dict, got {type(sd).__name__}")
     return sd
 
 
@@ -51,6 +55,20 @@ def load_into(module: torch.nn.Module, path: str | Path, root: Path | None = Non
         raise ValueError(f"weights {path}: '{k}' has shape {list(sd[k].shape)}, the model wants "
                          f"{list(want[k].shape)} ({len(bad)} tensors differ)")
     module.load_state_dict(sd)
+
+
+def load_exact(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """Strict load of a state dict already read; a mismatch names every missing, unexpected and wrongly
+    shaped key (ValueError)."""
+    own = module.state_dict()
+    missing = sorted(k for k in own if k not in sd)
+    unexpected = sorted(k for k in sd if k not in own)
+    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or shapes:
+        raise ValueError(f"{what} state dict mismatch: missing keys {missing}; unexpected keys {unexpected}; "
+                         f"shape mismatches {shapes}")
+    module.load_state_dict(sd, strict=True)
 
 
 def save(module: torch.nn.Module, path: str | Path, metadata: dict | None = None) -> None:

@@ -78,6 +78,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reactor_graph.models.streaming import PHASE_FIRST, PHASE_STEADY, StreamingDecoder
+from reactor_graph.weights import load_exact, read_state_dict
+
 __all__ = [
     "PHASE_FIRST",
     "PHASE_STEADY",
@@ -89,8 +92,6 @@ __all__ = [
     "read_state_dict",
 ]
 
-PHASE_FIRST = 0
-PHASE_STEADY = 1
 
 DEFAULT_CHANNELS = (256, 128, 64, 64)
 
@@ -156,8 +157,9 @@ class TGrow(nn.Module):
         return self.conv(x).reshape(-1, c, h, w)
 
 
-class TAEHVDecoder(nn.Module):
-    """TAEHV decoder for Wan 2.1 latents with block streaming over preallocated state.
+class TAEHVDecoder(StreamingDecoder):
+    """TAEHV decoder for Wan 2.1 latents with block streaming over preallocated state (`StreamingDecoder`):
+    ``[B, T, 16, h, w]`` latents -> ``[B, T', 3, 8h, 8w]`` frames in [-1, 1].
 
     Args:
         channels: widths ``(c0, c1, c2, c3)`` of the four stages; ``(256, 128, 64, 64)`` is the real model.
@@ -198,8 +200,6 @@ class TAEHVDecoder(nn.Module):
         self.t_upscale = 2 ** sum(tu)
         self.s_upscale = 2 ** sum(su)
         self.frames_to_trim = self.t_upscale - 1
-        self.phase = PHASE_FIRST
-        self._state_key: tuple | None = None
 
     # ------------------------------------------------------------------ state
     def mem_blocks(self) -> list[tuple[int, MemBlock, int]]:
@@ -212,44 +212,15 @@ class TAEHVDecoder(nn.Module):
                 out.append((i, layer, scale))
         return out
 
-    def allocate_state(
-        self,
-        batch_size: int,
-        latent_height: int,
-        latent_width: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        """Allocate (zeroed) state buffers for this batch and latent size and start a new session."""
-        p = next(self.parameters())
-        # normalised ("cuda" -> "cuda:0") so the key matches the latents' device in _ensure_state
-        device = torch.empty(0, device=p.device if device is None else device).device
-        dtype = p.dtype if dtype is None else dtype
+    def _allocate_buffers(self, batch_size, latent_height, latent_width, device, dtype) -> None:
         for _, blk, scale in self.mem_blocks():
             blk.memory = torch.zeros(
                 batch_size, blk.n_in, latent_height * scale, latent_width * scale, device=device, dtype=dtype
             )
-        self._state_key = (batch_size, latent_height, latent_width, device, dtype)
-        self.phase = PHASE_FIRST
-
-    def reset(self) -> None:
-        """Start a new session: zero every state buffer in place (addresses kept), phase back to 0."""
-        with torch.no_grad():
-            for buf in self.state_buffers().values():
-                buf.zero_()
-        self.phase = PHASE_FIRST
 
     def state_buffers(self) -> dict[str, torch.Tensor]:
         """The allocated streaming state, by name (``decoder.<i>.memory``)."""
         return {f"decoder.{i}.memory": b.memory for i, b, _ in self.mem_blocks() if b.memory is not None}
-
-    def _ensure_state(self, latents: torch.Tensor) -> None:
-        b, _, _, h, w = latents.shape
-        key = (b, h, w, latents.device, latents.dtype)
-        if self._state_key != key:
-            if torch.compiler.is_compiling():
-                raise RuntimeError("TAEHVDecoder: call allocate_state() before compiling the block decode")
-            self.allocate_state(b, h, w, latents.device, latents.dtype)
 
     # ------------------------------------------------------------------ decoding
     def frames_per_block(self, num_latent_frames: int, phase: int) -> int:
@@ -283,42 +254,13 @@ class TAEHVDecoder(nn.Module):
             frames = frames[:, self.frames_to_trim :]
         return self._to_signed(frames)
 
-    def decode_block(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode ``[B, T, 16, h, w]`` latents -> ``[B, T', 3, 8h, 8w]`` frames in [-1, 1].
-
-        ``T' = 4T - 3`` for the first block of a session, ``4T`` afterwards.
-        """
-        self._ensure_state(latents)
-        out = self.block_forward(latents, self.phase)
-        self.phase = PHASE_STEADY
-        return out
-
     def decode_full(self, latents: torch.Tensor) -> torch.Tensor:
         """Non-streaming reference: decode a whole latent video at once (state untouched)."""
         frames = self._run(latents, stream=False)
         return self._to_signed(frames[:, self.frames_to_trim :])
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decode_block(latents)
-
 
 # ---------------------------------------------------------------------- loading
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` or ``.pth``/``.pt`` state dict (tensors only) onto the CPU."""
-    path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(path, device="cpu")
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-            sd = sd["state_dict"]
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
-    return dict(sd)
-
-
 def _infer_channels(sd: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...], int] | None:
     keys = ("decoder.1.weight", "decoder.8.weight", "decoder.14.weight", "decoder.20.weight")
     if not all(k in sd for k in keys):
@@ -340,19 +282,7 @@ def load_decoder_state_dict(model: TAEHVDecoder, sd: Mapping[str, torch.Tensor])
         key = f"decoder.{i}.conv.weight"
         if isinstance(layer, TGrow) and key in sd and sd[key].shape[0] > own[key].shape[0]:
             sd[key] = sd[key][-own[key].shape[0] :]
-    missing = sorted(k for k in own if k not in sd)
-    unexpected = sorted(k for k in sd if k not in own)
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
-    )
-    if missing or unexpected or shapes:
-        raise ValueError(
-            "TAEHV state dict mismatch: "
-            f"missing keys {missing}; unexpected keys {unexpected}; shape mismatches {shapes}"
-        )
-    model.load_state_dict(sd, strict=True)
+    load_exact(model, sd, "TAEHV")
 
 
 def load_taehv(

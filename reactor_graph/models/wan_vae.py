@@ -70,6 +70,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reactor_graph.models.streaming import PHASE_FIRST, PHASE_STEADY, StreamingDecoder
+from reactor_graph.weights import load_exact, read_state_dict
+
 __all__ = [
     "CACHE_T",
     "PHASE_FIRST",
@@ -88,8 +91,6 @@ __all__ = [
 ]
 
 CACHE_T = 2
-PHASE_FIRST = 0
-PHASE_STEADY = 1
 
 # Wan 2.1 per-channel latent statistics (public values from Wan's vae.py).
 WAN21_LATENT_MEAN = (
@@ -304,8 +305,9 @@ class Decoder3d(nn.Module):
         return x
 
 
-class WanVAEDecoder(nn.Module):
-    """Wan 2.1 VAE decoder (``conv2`` + ``decoder``) with block streaming over preallocated caches.
+class WanVAEDecoder(StreamingDecoder):
+    """Wan 2.1 VAE decoder (``conv2`` + ``decoder``) with block streaming over preallocated caches
+    (`StreamingDecoder`): ``[B, 16, T, h, w]`` normalised latents -> ``[B, 3, T', 8h, 8w]`` frames in [-1, 1].
 
     Args:
         dim: base width (96 for the real Wan 2.1 VAE).
@@ -340,34 +342,11 @@ class WanVAEDecoder(nn.Module):
         )
         self.t_upscale = 2 ** sum(bool(v) for v in temperal_upsample[: len(dim_mult) - 1])
         self.s_upscale = 2 ** (len(dim_mult) - 1)
-        self.phase = PHASE_FIRST
-        self._state_key: tuple | None = None
 
     # ------------------------------------------------------------------ state
-    def allocate_state(
-        self,
-        batch_size: int,
-        latent_height: int,
-        latent_width: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        """Allocate zeroed per-layer caches for this batch / latent size and start a new session."""
-        p = next(self.parameters())
-        # normalised ("cuda" -> "cuda:0") so the key matches the latents' device in _ensure_state
-        device = torch.empty(0, device=p.device if device is None else device).device
-        dtype = p.dtype if dtype is None else dtype
+    def _allocate_buffers(self, batch_size, latent_height, latent_width, device, dtype) -> None:
         for _, conv, scale in self.decoder.cached_convs():
             conv.allocate_cache(batch_size, latent_height * scale, latent_width * scale, device, dtype)
-        self._state_key = (batch_size, latent_height, latent_width, device, dtype)
-        self.phase = PHASE_FIRST
-
-    def reset(self) -> None:
-        """Start a new session: zero every cache in place (addresses kept), phase back to 0."""
-        with torch.no_grad():
-            for buf in self.state_buffers().values():
-                buf.zero_()
-        self.phase = PHASE_FIRST
 
     def state_buffers(self) -> dict[str, torch.Tensor]:
         """The allocated caches by name (``decoder.<layer>.cache``)."""
@@ -376,14 +355,6 @@ class WanVAEDecoder(nn.Module):
             for name, conv, _ in self.decoder.cached_convs()
             if conv.cache is not None
         }
-
-    def _ensure_state(self, latents: torch.Tensor) -> None:
-        b, _, _, h, w = latents.shape
-        key = (b, h, w, latents.device, latents.dtype)
-        if self._state_key != key:
-            if torch.compiler.is_compiling():
-                raise RuntimeError("WanVAEDecoder: call allocate_state() before compiling the block decode")
-            self.allocate_state(b, h, w, latents.device, latents.dtype)
 
     # ------------------------------------------------------------------ decoding
     def frames_per_block(self, num_latent_frames: int, phase: int) -> int:
@@ -404,42 +375,13 @@ class WanVAEDecoder(nn.Module):
         x = self.conv2(self._unnormalize(latents))
         return self.decoder(x, stream=True, phase=phase).clamp(-1.0, 1.0)
 
-    def decode_block(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode ``[B, 16, T, h, w]`` normalised latents -> ``[B, 3, T', 8h, 8w]`` frames in [-1, 1].
-
-        ``T' = 4T - 3`` for the first block of a session, ``4T`` afterwards.
-        """
-        self._ensure_state(latents)
-        out = self.block_forward(latents, self.phase)
-        self.phase = PHASE_STEADY
-        return out
-
     def decode_full(self, latents: torch.Tensor) -> torch.Tensor:
         """Non-streaming reference: decode a whole latent video at once (caches untouched)."""
         x = self.conv2(self._unnormalize(latents))
         return self.decoder(x, stream=False).clamp(-1.0, 1.0)
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decode_block(latents)
-
 
 # ---------------------------------------------------------------------- loading
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` or ``.pth``/``.pt`` state dict (tensors only) onto the CPU."""
-    path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(path, device="cpu")
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-            sd = sd["state_dict"]
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
-    return dict(sd)
-
-
 def _is_encoder_key(key: str) -> bool:
     # ``conv1`` at the top level is the encoder's mu / log-var projection.
     return key.startswith("encoder.") or key.startswith("conv1.")
@@ -450,21 +392,8 @@ def load_decoder_state_dict(model: WanVAEDecoder, sd: Mapping[str, torch.Tensor]
 
     Raises ``ValueError`` naming missing, unexpected and wrongly shaped keys.
     """
-    own = model.state_dict()
     sd = {k: v for k, v in sd.items() if not _is_encoder_key(k)}
-    missing = sorted(k for k in own if k not in sd)
-    unexpected = sorted(k for k in sd if k not in own)
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
-    )
-    if missing or unexpected or shapes:
-        raise ValueError(
-            "Wan VAE state dict mismatch: "
-            f"missing keys {missing}; unexpected keys {unexpected}; shape mismatches {shapes}"
-        )
-    model.load_state_dict(sd, strict=True)
+    load_exact(model, sd, "Wan VAE")
 
 
 def load_wan_vae(

@@ -288,19 +288,40 @@ def run(graph: Optional[str] = GRAPH_ARG,
         max_seconds: Optional[float] = typer.Option(None, help="stop serving after this long (for scripts)"),
         policy: str = typer.Option("lossless", help="frame queue when the viewer is slower: lossless | latest"),
         queue_frames: int = typer.Option(8, min=1, help="frames the queue holds before the policy applies"),
+        allow_origin: list[str] = typer.Option([], "--allow-origin", help="a web origin (https://app.example.com) "
+                                               "whose pages may use this server; loopback origins always may"),
+        token: Optional[str] = typer.Option(None, envvar="REACTOR_GRAPH_TOKEN", show_envvar=True,
+                                            help="require this bearer token to start or stop sessions"),
+        max_session_seconds: Optional[float] = typer.Option(None, min=1, help="end each session after this long "
+                                                            "(the next in line gets the model)"),
+        block_timeout: Optional[float] = typer.Option(None, min=0.1, help="a block running longer ends the session "
+                                                      "(default: 20x the slowest block seen, at least 30 s)"),
+        advertise_address: Optional[str] = typer.Option(None, help="the address WebRTC candidates carry "
+                                                        "(behind NAT or in a container)"),
         random_weights: bool = RANDOM_WEIGHTS):
     """Serve a graph (or a Reactor manifest.json): a web page, the Reactor JS SDK local protocol, metrics.
 
     Example: `reactor-graph run` (the built-in demo), then open the printed address.
     """
     with clear_errors():
+        from .server.access import AccessPolicy, is_loopback_host
         from .server.app import serve
 
-        engine = _open(graph or str(demo_path()), device, dtype, compile)
         if policy not in ("lossless", "latest"):
             raise CommandError("run", f"unknown policy '{policy}'; choose lossless or latest", "policy")
-        serve(engine, host=host, port=port, max_seconds=max_seconds, policy=policy, queue_frames=queue_frames,
-              announce=lambda url: out.print(f"[bold green]serving[/] {engine.name} at {url}"))
+        access = AccessPolicy(bind=host, allow_origins=list(allow_origin), token=token or None)
+        if not is_loopback_host(host) and not token:
+            console.print(f"[bold yellow]warning:[/] serving on {host} without a token: anyone who can reach "
+                          f"this address can use the model; pass --token (or set REACTOR_GRAPH_TOKEN)")
+        engine = _open(graph or str(demo_path()), device, dtype, compile)
+        code = serve(engine, host=host, port=port, max_seconds=max_seconds, policy=policy,
+                     queue_frames=queue_frames, access=access, max_session_seconds=max_session_seconds,
+                     block_timeout=block_timeout, advertise_address=advertise_address,
+                     announce=lambda url: out.print(f"[bold green]serving[/] {engine.name} at {url}"))
+        if code:
+            console.print("[bold red]error:[/] the engine is stuck in a node that does not return; exiting so "
+                          "that a supervisor can restart the server")
+            raise typer.Exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -48,6 +48,7 @@ class Stats:
     errors: int = 0
     on_change_runs: dict[str, int] = field(default_factory=dict)
     last_block_s: float = 0.0
+    slowest_block_s: float = 0.0  # what a block may take here (compile warm-up included): sizes the watchdog
     swaps: list[dict] = field(default_factory=list)  # each swap's reply: node, now, stall_ms, recaptured
 
 
@@ -82,6 +83,7 @@ class Engine:
         self.executor: Callable = self.hot
         self.original_bindings = dict(plan.bindings)
         self.restart_pending = False
+        self._block_t0: float | None = None  # when the block now running began (None between blocks)
 
     # -- what a server shows (reactor_graph.host.StreamHost) ----------------------------------------
     @property
@@ -294,12 +296,15 @@ class Engine:
                 if before_block:
                     before_block(result.blocks)
                 t0 = time.perf_counter()  # the block starts at its boundary: commands and swaps count
+                self._block_t0 = t0
                 if self._apply(self.commands.drain()):
                     self.reset_nodes()
                     seq = 0
                 out = self.run_block(seq)
                 block = self.copier.emit(result.blocks, out, self.plan.nodes[self.plan.output].params, t0)
+                self._block_t0 = None  # handing the block on may wait for the viewer: that is not a hang
                 self.stats.last_block_s = time.perf_counter() - t0
+                self.stats.slowest_block_s = max(self.stats.slowest_block_s, self.stats.last_block_s)
                 self.stats.blocks += 1
                 self.stats.frames += block.frames
                 result.blocks += 1
@@ -319,6 +324,8 @@ class Engine:
             result.reason, result.error, result.node = "error", str(exc), exc.node
             log.error("session ended: %s", exc)
         finally:
+            self._block_t0 = None
+            swap.restore_declared(self)  # a session's swaps end with it: the next starts from the graph
             self.reset_nodes()
             self.commands.drain()  # commands for an ended session must not leak into the next
             node_mod._session.stop_event = None
@@ -356,6 +363,13 @@ class Engine:
                                f"still running and ignores should_stop()")
         self._thread = None
         return None
+
+    def block_progress(self) -> tuple[float | None, str | None]:
+        """(seconds the current block has run, the node running) while in a block, else (None, None)."""
+        t0 = self._block_t0
+        if t0 is None:
+            return None, None
+        return time.perf_counter() - t0, self.hot.current or "(the compiled hot path)"
 
     @property
     def busy(self) -> bool:

@@ -46,7 +46,8 @@ def params_model(name: str, params: dict[str, ParamSpec]) -> type[BaseModel]:
         kw = {k: getattr(p, k) for k in ("min_length", "max_length", "ge", "le") if getattr(p, k) is not None}
         default = ... if p.default is None else p.default
         fields[pname] = (typ, Field(default, description=p.description or None, **kw))
-    return create_model(f"{name}_params", __config__=ConfigDict(extra="forbid", strict=False), **fields)
+    # strict: a client's true is not 1, "17" is not 17 and 18.0 is not an int (a JSON integer is a float)
+    return create_model(f"{name}_params", __config__=ConfigDict(extra="forbid", strict=True), **fields)
 
 
 @dataclass

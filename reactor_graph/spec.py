@@ -33,7 +33,29 @@ class Positions(dict):
         return self.get((), None)
 
 
-def _to_python(node: yaml.Node, path: tuple, pos: Positions, issues: list[Issue]) -> Any:
+MAX_YAML_VALUES = 100_000  # a graph file has hundreds; aliases may not expand it beyond this
+
+
+class _Budget:
+    """Counts values as aliases expand them: nested aliases grow exponentially (a 'billion laughs')."""
+
+    def __init__(self, limit: int = MAX_YAML_VALUES):
+        self.left = limit
+        self.seen: set[int] = set()
+
+    def take(self, node: yaml.Node) -> bool:
+        self.left -= 1
+        if id(node) in self.seen:
+            return self.left >= 0
+        self.seen.add(id(node))
+        return True
+
+
+def _to_python(node: yaml.Node, path: tuple, pos: Positions, issues: list[Issue], budget: _Budget) -> Any:
+    if not budget.take(node):
+        raise GraphError([Issue(_dotted(path), f"YAML aliases expand this file beyond {MAX_YAML_VALUES} values; "
+                                               "write the values out or use fewer nested aliases",
+                                node.start_mark.line + 1)])
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for k_node, v_node in node.value:
@@ -42,13 +64,13 @@ def _to_python(node: yaml.Node, path: tuple, pos: Positions, issues: list[Issue]
                 issues.append(Issue(_dotted(path + (key,)), "duplicate key (each key may appear once)",
                                     k_node.start_mark.line + 1))
             pos[path + (key,)] = k_node.start_mark.line + 1
-            out[key] = _to_python(v_node, path + (key,), pos, issues)
+            out[key] = _to_python(v_node, path + (key,), pos, issues, budget)
         return out
     if isinstance(node, yaml.SequenceNode):
         items = []
         for i, item in enumerate(node.value):
             pos[path + (i,)] = item.start_mark.line + 1
-            items.append(_to_python(item, path + (i,), pos, issues))
+            items.append(_to_python(item, path + (i,), pos, issues, budget))
         return items
     # Scalars resolve with the safe loader's own tag logic (ints, floats, bools, nulls, strings).
     return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
@@ -70,7 +92,10 @@ def parse_yaml(text: str, file: str | None = None) -> tuple[Any, Positions]:
         raise GraphError([Issue("", "the file is empty; a graph starts with 'reactor-graph: 1'", 1)], file)
     pos[()] = root.start_mark.line + 1
     issues: list[Issue] = []
-    data = _to_python(root, (), pos, issues)
+    try:
+        data = _to_python(root, (), pos, issues, _Budget())
+    except GraphError as exc:
+        raise GraphError(exc.issues, file) from None
     if issues:
         raise GraphError(issues, file)
     return data, pos

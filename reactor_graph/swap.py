@@ -8,6 +8,7 @@ hot path is recompiled/recaptured for it and the sequence restarts; that stall i
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -17,6 +18,8 @@ from pydantic import ValidationError
 from .errors import GraphError, SessionError
 from .plan import Source, _bind, _instantiate, outputs_mismatch
 from .spec import NodeSpec
+
+log = logging.getLogger("reactor_graph")
 
 if TYPE_CHECKING:
     from .loop import Engine
@@ -83,6 +86,17 @@ def apply(engine: Engine, target: str, new: Node, binds: dict[str, Source]) -> d
     result["stall_ms"] = (time.perf_counter() - t0) * 1000
     engine.stats.swaps.append(result)
     return result
+
+
+def restore_declared(engine: Engine) -> None:
+    """Put every swapped node back as the graph declares it (a session's swaps end with the session)."""
+    for target, declared in engine.plan.nodes.items():
+        if engine.nodes[target] is not declared:
+            try:
+                apply(engine, target, declared, engine.original_bindings[target])
+            except Exception:  # noqa: BLE001 - the next session must still start; the log says why
+                log.exception("could not swap '%s' back to the declared node", target)
+    engine.restart_pending = False  # the next session starts from its beginning anyway
 
 
 def request(engine: Engine, target: str, alternative: str | None = None, spec: dict | None = None,

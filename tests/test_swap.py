@@ -99,7 +99,8 @@ def test_swap_to_a_node_loaded_on_demand(tiny_engine):
     n = len(frames)
     time.sleep(0.1)
     assert len(frames) > n  # still streaming after the swap
-    engine.stop(timeout=5)
     assert replies[0]["ok"] and replies[0]["now"] == "fresh" and engine.nodes["cond"].name == "fresh"
+    engine.stop(timeout=5)
+    assert engine.nodes["cond"] is engine.plan.nodes["cond"]  # the swap ended with the session
     with pytest.raises(SessionError, match="has no input 'nope'"):
         engine.request_swap("cond", "broken", spec={"type": "test_const_cond", "in": {"nope": "$slots.prompt"}})

@@ -85,8 +85,9 @@ def _params_model(name: str, fn: Callable) -> tuple[type[BaseModel], tuple[str, 
             fields[p.name] = (ann, default)
         else:
             fields[p.name] = (ann, default)
-    model = create_model(f"{name}_params", __config__=ConfigDict(extra=extra, arbitrary_types_allowed=True),
-                         **fields)
+    # strict, as for graph commands: a client's true is not 1 and "17" is not 17
+    model = create_model(f"{name}_params", __config__=ConfigDict(extra=extra, arbitrary_types_allowed=True,
+                                                                  strict=True), **fields)
     return model, tuple(fields)
 
 

@@ -1,6 +1,7 @@
 """`reactor-graph run`: the aiohttp app serving a StreamHost over WebRTC (aiortc).
 
-Routes (every one answers CORS preflights and carries `Access-Control-Allow-Origin: *`):
+Routes (each also under /auth/<token>, the form for an SDK apiUrl when the server has a token; CORS and
+who may call what: access.py):
 
   POST /start_session                                   a new client; the SDK's session response
   POST /stop_session                                    end a session ({"session_id"} optional, see below)
@@ -26,6 +27,8 @@ from aiohttp import web
 
 from ..errors import SessionError
 from . import protocol as P
+from . import rtc_guards
+from .access import AUTH_PREFIX, AccessPolicy, Refused
 from .metrics import CONTENT_TYPE, Metrics
 from .sessions import SessionManager, Settings
 
@@ -43,21 +46,38 @@ def _server_version() -> str:
         return "0.1.0"
 
 
-@web.middleware
-async def cors(request: web.Request, handler):
-    if request.method == "OPTIONS":
-        return web.Response(status=204, headers=P.CORS_HEADERS)
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        exc.headers.update(P.CORS_HEADERS)
-        raise
-    response.headers.update(P.CORS_HEADERS)
-    return response
+# routes that start or end sessions for whoever calls: the token guards these (a session's own routes are
+# guarded by its unguessable id)
+TOKEN_ROUTES = ("start_session", "stop_session")
+
+
+def access_middleware(policy: AccessPolicy, metrics: Metrics):
+    @web.middleware
+    async def guard(request: web.Request, handler):
+        origin, host = request.headers.get("Origin"), request.headers.get("Host")
+        route = (request.match_info.route.name or "").removeprefix("auth_")
+        try:
+            policy.check(request.method, host, origin, route in TOKEN_ROUTES,
+                         request.headers.get("Authorization"), request.match_info.get("token"))
+        except Refused as exc:
+            metrics.inc("http_refused_total", status=str(exc.status))
+            return _text_error(exc.status, str(exc))
+        cors = policy.cors_headers(origin, host, preflight=request.method == "OPTIONS")
+        if request.method == "OPTIONS":
+            return web.Response(status=204 if cors else 403, headers=cors)
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            exc.headers.update(cors)
+            raise
+        response.headers.update(cors)
+        return response
+
+    return guard
 
 
 async def _preflight(request: web.Request) -> web.Response:  # the middleware answers first; this is the route
-    return web.Response(status=204, headers=P.CORS_HEADERS)
+    return web.Response(status=204)
 
 
 def _text_error(status: int, text: str) -> web.Response:
@@ -67,9 +87,11 @@ def _text_error(status: int, text: str) -> web.Response:
 class Server:
     """The app, its session manager and metrics. `await start(host, port)`, then `await close()`."""
 
-    def __init__(self, host: Any, settings: Settings | None = None, **options: Any):
+    def __init__(self, host: Any, settings: Settings | None = None, access: AccessPolicy | None = None,
+                 **options: Any):
         self.host = host
         self.settings = settings or Settings(**options)
+        self.access = access or AccessPolicy()
         self.metrics = Metrics()
         self.manager = SessionManager(host, self.settings, self.metrics, _server_version())
         self.runner: web.AppRunner | None = None
@@ -78,24 +100,29 @@ class Server:
         self.app = self._build()
 
     def _build(self) -> web.Application:
-        app = web.Application(middlewares=[cors], client_max_size=256 * 1024)
+        app = web.Application(middlewares=[access_middleware(self.access, self.metrics)],
+                              client_max_size=256 * 1024)
         r = app.router
-        r.add_post("/start_session", self.start_session)
-        r.add_post("/stop_session", self.stop_session)
-        r.add_get(SESSION + "/ice_servers", self.ice_servers)
-        r.add_post(SESSION + "/sdp_params", self.sdp_offer)
-        r.add_put(SESSION + "/sdp_params", self.sdp_offer)
-        r.add_get(SESSION + "/sdp_params", self.sdp_answer)
-        r.add_post("/sessions/{session_id}/uploads", self.uploads)
-        r.add_get("/health", self.health)
-        r.add_get("/metrics", self.prometheus)
-        r.add_get("/api/commands", self.api_commands)
-        r.add_get("/", self.index)
+        for prefix, tag in (("", ""), (AUTH_PREFIX, "auth_")):
+            r.add_post(prefix + "/start_session", self.start_session, name=tag + "start_session")
+            r.add_post(prefix + "/stop_session", self.stop_session, name=tag + "stop_session")
+            r.add_get(prefix + SESSION + "/ice_servers", self.ice_servers)
+            r.add_post(prefix + SESSION + "/sdp_params", self.sdp_offer)
+            r.add_put(prefix + SESSION + "/sdp_params", self.sdp_offer)
+            r.add_get(prefix + SESSION + "/sdp_params", self.sdp_answer)
+            r.add_post(prefix + "/sessions/{session_id}/uploads", self.uploads)
+            r.add_get(prefix + "/health", self.health)
+            r.add_get(prefix + "/metrics", self.prometheus)
+            r.add_get(prefix + "/api/commands", self.api_commands)
+            r.add_get(prefix + "/", self.index)
         r.add_static("/static/", str(resources.files("reactor_graph.server") / "static"), show_index=False)
         r.add_route("OPTIONS", "/{tail:.*}", _preflight)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 8080) -> str:
+        self.access.bind = host
+        rtc_guards.restrict_candidates(host)
+        rtc_guards.guard_text_frames()
         await self.manager.start()
         self.runner = web.AppRunner(self.app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await self.runner.setup()
@@ -106,6 +133,12 @@ class Server:
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{self.port}"
         return self.url
+
+    @property
+    def page_url(self) -> str:
+        """The address to open (and the SDK's apiUrl): with a token, the token is in its path."""
+        token = self.access.token
+        return f"{self.url}/auth/{token}/" if token else f"{self.url}/"
 
     async def close(self) -> None:
         await self.manager.close()
@@ -178,7 +211,7 @@ class Server:
     async def health(self, request: web.Request) -> web.Response:
         m = self.manager
         return web.json_response({
-            "ok": not m.stuck, "model": self.host.name, "version": getattr(self.host, "version", None),
+            "ok": not m.stuck, "reason": m.stuck_reason, "model": self.host.name, "version": getattr(self.host, "version", None),
             "busy": bool(self.host.busy), "in_session": m.active is not None, "queue": len(m.waiting),
             "clients": len(m.clients), "fps": float(self.host.fps), "policy": self.settings.policy,
         })
@@ -204,19 +237,34 @@ class Server:
                             headers={"Cache-Control": "no-cache"})
 
 
+FATAL_EXIT = 70  # the engine thread is stuck for good; a supervisor should restart the process
+
+
 def serve(host_model: Any, host: str = "127.0.0.1", port: int = 8080, max_seconds: float | None = None,
-          announce: Callable[[str], None] | None = None, **options: Any) -> None:
+          announce: Callable[[str], None] | None = None, access: AccessPolicy | None = None,
+          **options: Any) -> int:
     """Serve `host_model` (a StreamHost) until Ctrl-C / SIGTERM, or for `max_seconds`; then stop the session
-    and close every peer connection. `options` are Settings fields (policy, queue_frames, ping_timeout...)."""
-    asyncio.run(_serve(host_model, host, port, max_seconds, announce, Settings(**options)))
+    and close every peer connection. `options` are Settings fields (policy, queue_frames, ping_timeout...).
+    Returns the process exit status: 0, or FATAL_EXIT when a stuck engine thread never came back."""
+    return asyncio.run(_serve(host_model, host, port, max_seconds, announce, Settings(**options),
+                              access or AccessPolicy()))
 
 
 async def _serve(model: Any, host: str, port: int, max_seconds: float | None,
-                 announce: Callable[[str], None] | None, settings: Settings) -> None:
-    server = Server(model, settings)
-    url = await server.start(host, port)
-    (announce or (lambda u: print(f"serving {model.name} at {u}", flush=True)))(url + "/")
+                 announce: Callable[[str], None] | None, settings: Settings, access: AccessPolicy) -> int:
+    server = Server(model, settings, access)
+    await server.start(host, port)
+    (announce or (lambda u: print(f"serving {model.name} at {u}", flush=True)))(server.page_url)
     done = asyncio.Event()
+    fatal: list[str] = []
+
+    def give_up(reason: str) -> None:
+        log.critical("the engine is stuck for good (%s); exiting with status %d so a supervisor can restart "
+                     "the server", reason, FATAL_EXIT)
+        fatal.append(reason)
+        done.set()
+
+    server.manager.on_fatal = give_up
     loop = asyncio.get_running_loop()
     installed = []
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -237,3 +285,4 @@ async def _serve(model: Any, host: str, port: int, max_seconds: float | None,
         for sig in installed:
             loop.remove_signal_handler(sig)
         await server.close()
+    return FATAL_EXIT if fatal else 0

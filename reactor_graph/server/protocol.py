@@ -36,15 +36,6 @@ SWAP_RESULT = "swapResult"  # {node, ok, now?, stall_ms?, recaptured?, error?}
 # application messages this server sends
 COMMAND_RESULT = "commandResult"  # {command, ok[, error: {message, field, reason}]}
 
-CORS_HEADERS = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
-    "Access-Control-Allow-Headers": ("Content-Type, Authorization, Reactor-API-Version, "
-                                     "Reactor-API-Accept-Version, Reactor-WebRTC-Version"),
-    "Access-Control-Max-Age": "600",
-}
-
-
 class ProtocolError(Exception):
     """A data-channel message that cannot be handled; `code` is stable, `message` is for people."""
 
@@ -238,23 +229,27 @@ class TrackEntry:
     direction: str
 
 
+class OfferError(ValueError):
+    """An SDP offer this server cannot answer; the message is for the client."""
+
+
 def parse_offer(body: Any) -> tuple[str, list[TrackEntry]]:
     """The body of POST/PUT sdp_params -> (sdp offer, track mapping); ValueError says what is wrong."""
     if not isinstance(body, dict):
-        raise ValueError("expected a JSON object with 'sdp_offer' and 'track_mapping'")
+        raise OfferError("expected a JSON object with 'sdp_offer' and 'track_mapping'")
     sdp = body.get("sdp_offer")
     if not isinstance(sdp, str) or "v=0" not in sdp:
-        raise ValueError("'sdp_offer' must be an SDP offer string")
+        raise OfferError("'sdp_offer' must be an SDP offer string")
     mapping = body.get("track_mapping", [])
     if not isinstance(mapping, list):
-        raise ValueError("'track_mapping' must be a list of {mid, name, kind, direction}")
+        raise OfferError("'track_mapping' must be a list of {mid, name, kind, direction}")
     entries = []
     for i, e in enumerate(mapping):
         if not isinstance(e, dict):
-            raise ValueError(f"track_mapping[{i}] must be an object")
+            raise OfferError(f"track_mapping[{i}] must be an object")
         mid, name, kind, direction = (e.get(k) for k in ("mid", "name", "kind", "direction"))
         if not isinstance(mid, str) or kind not in ("video", "audio") or direction not in ("recvonly", "sendonly"):
-            raise ValueError(f"track_mapping[{i}] needs a string mid, kind video|audio and direction "
+            raise OfferError(f"track_mapping[{i}] needs a string mid, kind video|audio and direction "
                              f"recvonly|sendonly")
         entries.append(TrackEntry(mid, str(name), kind, direction))
     return sdp, entries

@@ -25,6 +25,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from ..errors import CommandError, ReactorGraphError, SessionError
 from . import protocol as P
+from . import rtc_guards
 from .metrics import Metrics
 from .tracks import POLICIES, BlockVideoTrack
 
@@ -35,9 +36,14 @@ log = logging.getLogger("reactor_graph.server")
 class Settings:
     policy: str = "lossless"  # frame queue: lossless (the engine waits for the stream) | latest (drop oldest)
     queue_frames: int = 8  # frame queue capacity (0.5 s at 16 fps)
-    ping_timeout: float = 15.0  # no message for this long: the client is gone (the SDK pings every 5 s)
-    connect_timeout: float = 20.0  # offer answered but no connection + open data channel after this long
-    offer_timeout: float = 30.0  # start_session but no SDP offer after this long
+    ping_timeout: float = 8.0  # no message for this long: the client is gone (the SDK pings every 5 s)
+    connect_timeout: float = 15.0  # offer answered but no connection + open data channel after this long
+    offer_timeout: float = 5.0  # start_session but no SDP offer after this long: the place is lost
+    max_pending_per_address: int = 4  # clients of one address not connected yet (a flood holds no more)
+    max_session_seconds: float | None = None  # a session ends after this long; the next in line gets in
+    block_timeout: float | None = None  # a block running longer ends the session (None: derived, see below)
+    stuck_exit_seconds: float = 30.0  # a stuck engine thread that has not come back after this: give up
+    advertise_address: str | None = None  # host candidates carry this address (NAT, containers)
     stop_timeout: float = 5.0  # the engine's watchdog, when a session is stopped
     max_message: int = 64 * 1024  # bytes per data-channel message
     rate: float = 30.0  # messages a second per client, on average ...
@@ -47,6 +53,8 @@ class Settings:
     ice_servers: list = field(default_factory=list)  # [{"uris": [...], "credentials"?: {...}}] for clients
 
     def __post_init__(self):
+        if self.block_timeout is not None and self.block_timeout <= 0:
+            raise ValueError(f"block_timeout must be > 0 seconds, got {self.block_timeout}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
 
@@ -68,6 +76,7 @@ class Client:
     limited: bool = False  # a rate-limit error was sent for the current flood
     tasks: list = field(default_factory=list)
     end_reason: str | None = None
+    started: float | None = None  # when its session began
     # stats message
     last_sent: int = 0
     last_stats: float = field(default_factory=time.monotonic)
@@ -98,6 +107,9 @@ class SessionManager:
         self.waiting: list[Client] = []
         self.active: Client | None = None
         self.stuck = False  # the watchdog gave up on a session; no new ones until its thread ends
+        self.stuck_reason: str | None = None
+        self.stuck_since: float | None = None
+        self.on_fatal = None  # callback(reason): the engine thread never came back; the process must end
         self.closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._promote_lock = asyncio.Lock()
@@ -133,6 +145,18 @@ class SessionManager:
     def create(self, remote: str = "") -> Client:
         if self.closing:
             raise SessionError("the server is shutting down")
+        if self.stuck:
+            raise SessionError(f"the model is unusable until its stuck session ends: {self.stuck_reason}")
+        pending = [c for c in self.clients.values() if c.remote == remote and not c.connected]
+        if len(pending) >= self.settings.max_pending_per_address:
+            # The newest request wins over the oldest that never sent its offer: a flood from one address
+            # keeps replacing itself instead of keeping everyone else out.
+            stale = next((c for c in pending if c.state == "new"), None)
+            if stale is None:
+                raise SessionError(f"{len(pending)} sessions from your address are still connecting; "
+                                   f"try again in a few seconds")
+            self._spawn(self.end(stale, "replaced by a newer session from the same address"))
+            self.clients.pop(stale.id, None)
         if len(self.clients) >= self.settings.max_clients:
             raise SessionError(f"too many clients ({self.settings.max_clients}); try again later")
         client = Client(uuid.uuid4().hex, remote=remote)
@@ -177,7 +201,8 @@ class SessionManager:
             for entry in mapping:
                 t = by_mid.get(entry.mid)
                 if t is None:
-                    raise ValueError(f"track_mapping names mid {entry.mid!r}, which the offer does not have")
+                    raise P.OfferError(f"track_mapping names mid {entry.mid[:40]!r}, which the offer does not "
+                                       f"have")
                 if entry.direction == "recvonly" and entry.kind == "video" and not attached:
                     t.sender.replaceTrack(track)
                     t.direction = "sendonly"
@@ -190,17 +215,19 @@ class SessionManager:
                         attached = True
                         break
             if not attached:
-                raise ValueError("the offer has no video transceiver for the client to receive "
-                                 f"'{P.MAIN_TRACK}' on (a recvonly video entry in track_mapping)")
+                raise P.OfferError("the offer has no video transceiver for the client to receive "
+                                   f"'{P.MAIN_TRACK}' on (a recvonly video entry in track_mapping)")
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:
             if client.pc is pc:  # first, so that closing it does not count as the client leaving
                 client.pc = None
             await _close_pc(pc)
-            if isinstance(exc, ValueError):
+            if isinstance(exc, P.OfferError):
                 raise
-            raise ValueError(f"could not answer the offer: {type(exc).__name__}: {exc}") from exc
-        client.answer = pc.localDescription.sdp
+            log.info("could not answer an offer from %s: %s: %s", client.id, type(exc).__name__, exc)
+            raise P.OfferError("could not answer the SDP offer: expected an offer from a WebRTC client with a "
+                               "video transceiver and a data channel named 'data'") from None
+        client.answer = rtc_guards.advertise(pc.localDescription.sdp, self.settings.advertise_address)
         client.offered = time.monotonic()
         client.last_seen = time.monotonic()
         if client.state == "new":
@@ -282,8 +309,10 @@ class SessionManager:
                 return
             if self.host.busy:  # the last session is still winding down; the ticker retries
                 return
-            # the first in line whose connection is up (so nothing it would see is lost before it can)
-            client = next((c for c in self.waiting if c.connected and c.ready), None)
+            # the first in line whose connection is up and who was heard from lately (so nothing it would see
+            # is lost before it can, and a client that vanished while waiting does not hold the model)
+            fresh = time.monotonic() - self.settings.ping_timeout * 0.75
+            client = next((c for c in self.waiting if c.connected and c.ready and c.last_seen >= fresh), None)
             if client is None:
                 return
             self.waiting.remove(client)
@@ -306,9 +335,9 @@ class SessionManager:
                 log.warning("could not start a session: %s", exc)
                 self.waiting.insert(0, client)
                 return
-            self.stuck = False
             self.active = client
             client.state = "active"
+            client.started = time.monotonic()
             client.last_sent, client.last_stats = client.track.sent, time.monotonic()
             client.send(self._started_message(client))
         self._send_positions()
@@ -343,7 +372,8 @@ class SessionManager:
             try:
                 await loop.run_in_executor(None, self.host.stop, self.settings.stop_timeout)
             except SessionError as exc:
-                self.stuck = True
+                if not self.stuck:
+                    self.stuck, self.stuck_reason, self.stuck_since = True, str(exc), time.monotonic()
                 self.metrics.inc("sessions_ended_total", reason="watchdog")
                 log.error("%s", exc)
             except Exception:  # noqa: BLE001
@@ -396,6 +426,11 @@ class SessionManager:
             return
         if client.limited and client.bucket.tokens >= client.bucket.burst / 2:
             client.limited = False  # the flood is over: a later one gets its own error
+        if isinstance(raw, rtc_guards.InvalidText):
+            self.metrics.inc("messages_rejected_total", code="bad_utf8")
+            client.send(P.error_message("bad_utf8", f"a text frame of {raw.size} bytes is not valid UTF-8; send "
+                                        "JSON text"))
+            return
         try:
             env = P.parse_envelope(raw, self.settings.max_message)
         except P.ProtocolError as exc:
@@ -430,8 +465,16 @@ class SessionManager:
         a runtime `swapResult` once the swap lands at a block boundary, or at once if it is refused."""
         node = data.get("node") if isinstance(data, dict) else None
         if not isinstance(node, str):
-            client.send(P.error_message("bad_envelope", 'swapNode takes {"node": str, "alternative": str} or '
-                                        '{"node": str, "spec": {type, params, in}}'))
+            client.send(P.error_message("bad_envelope", 'swapNode takes {"node": str, "alternative": str}'))
+            return
+        node = node[:100]
+        extra = sorted(set(data) - {"node", "alternative"})
+        if extra:  # a spec, params or weights path would let a client choose code and files on this machine
+            known = ", ".join(a["name"] for a in getattr(self.host, "alternatives", list)()) or "none declared"
+            client.send(P.runtime(P.SWAP_RESULT, {
+                "node": node, "ok": False,
+                "error": f"swapNode takes only 'node' and 'alternative' (a name the graph declares: {known}); "
+                         f"got {', '.join(map(str, extra))[:100]}"}))
             return
         if client.state != "active":
             client.send(P.runtime(P.SWAP_RESULT, {"node": node, "ok": False, "error": "not in session"}))
@@ -445,13 +488,13 @@ class SessionManager:
             if loop is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(client.send, P.runtime(P.SWAP_RESULT, {"node": node, **result}))
 
-        alternative, spec = data.get("alternative"), data.get("spec")
-        if not isinstance(alternative, (str, type(None))) or not isinstance(spec, (dict, type(None))):
+        alternative = data.get("alternative")
+        if not isinstance(alternative, (str, type(None))):
             client.send(P.runtime(P.SWAP_RESULT, {"node": node, "ok": False,
-                                                  "error": "'alternative' is a string and 'spec' an object"}))
+                                                  "error": "'alternative' is the name of a declared alternative"}))
             return
         try:
-            self.host.request_swap(node, alternative, spec, reply)
+            self.host.request_swap(node, alternative, None, reply)
         except ReactorGraphError as exc:
             client.send(P.runtime(P.SWAP_RESULT, {"node": node, "ok": False, "error": str(exc)}))
 
@@ -477,10 +520,11 @@ class SessionManager:
         except CommandError as exc:
             self.metrics.inc("commands_total", result="rejected")
             client.send(P.command_result(name, False, str(exc), exc.field, exc.reason))
-        except Exception as exc:  # noqa: BLE001 - a host bug must not take the channel down
+        except Exception:  # noqa: BLE001 - a host bug must not take the channel down
             log.exception("submit(%r) failed", name)
             self.metrics.inc("commands_total", result="rejected")
-            client.send(P.command_result(name, False, f"{type(exc).__name__}: {exc}", None, "internal error"))
+            client.send(P.command_result(name, False, "the server could not handle this command (its log says "
+                                         "why)", None, "internal error"))
 
     # -- housekeeping ---------------------------------------------------------------------------------------
     async def _tick(self) -> None:
@@ -500,6 +544,7 @@ class SessionManager:
                                 await self.end(c, "connect timeout")
                         elif now - c.last_seen > s.ping_timeout:
                             await self.end(c, "no ping")
+                await self._watch_session(now)
                 if self.active is None and self.waiting and not self.host.busy:
                     await self.promote()
                 if now - last_stats >= s.stats_interval:
@@ -510,6 +555,42 @@ class SessionManager:
                 raise
             except Exception:  # noqa: BLE001 - the ticker must survive anything
                 log.exception("housekeeping failed")
+
+    def block_timeout(self) -> float:
+        """`block_timeout`, or derived: generous next to the slowest block this engine has run (compile and
+        warm-up included), never under 30 s."""
+        if self.settings.block_timeout is not None:
+            return self.settings.block_timeout
+        slowest = float(getattr(self.host.stats, "slowest_block_s", 0.0) or 0.0)
+        return max(30.0, 20.0 * slowest)
+
+    async def _watch_session(self, now: float) -> None:
+        """End a session whose block hangs or whose time is up; give up on an engine that never returns."""
+        if self.stuck:
+            if not self.host.busy:
+                log.warning("the stuck session has ended; the model takes sessions again")
+                self.stuck, self.stuck_reason, self.stuck_since = False, None, None
+            elif now - self.stuck_since > self.settings.stuck_exit_seconds and self.on_fatal is not None:
+                fatal, self.on_fatal = self.on_fatal, None
+                fatal(f"{self.stuck_reason}; it has not returned in {self.settings.stuck_exit_seconds:g}s")
+            return
+        c = self.active
+        if c is None or c.state != "active":
+            return
+        limit = self.settings.max_session_seconds
+        if limit is not None and c.started is not None and now - c.started > limit:
+            await self.end(c, f"session time limit ({limit:g}s) reached")
+            return
+        progress = getattr(self.host, "block_progress", None)
+        elapsed, where = progress() if progress else (None, None)
+        timeout = self.block_timeout()
+        if elapsed is not None and elapsed > timeout:
+            reason = f"block timeout: node '{where}' ran for {elapsed:.1f}s (limit {timeout:.1f}s)"
+            log.error("ending the session of %s: %s", c.id, reason)
+            self.stuck, self.stuck_reason, self.stuck_since = True, reason, now
+            client_error = P.error_message("block_timeout", reason, node=where)
+            c.send(client_error)
+            await self.end(c, reason, reason)
 
     def stats(self, client: Client | None = None) -> dict:
         c = client or self.active

@@ -37,7 +37,8 @@ def test_cors_preflight(served, arun, path, method, headers):
                     "Access-Control-Request-Headers": headers}) as r:
                 assert 200 <= r.status < 300
                 h = r.headers
-                assert h["Access-Control-Allow-Origin"] == "*"
+                assert h["Access-Control-Allow-Origin"] == "http://localhost:5173"
+                assert h["Access-Control-Allow-Private-Network"] == "true"
                 assert method in {m.strip() for m in h["Access-Control-Allow-Methods"].split(",")}
                 allowed = {x.strip().lower() for x in h["Access-Control-Allow-Headers"].split(",")}
                 assert ALLOWED <= allowed
@@ -49,7 +50,7 @@ def test_routes_and_status_codes(served, arun):
     async def main():
         async with aiohttp.ClientSession(headers={"Origin": "http://localhost:5173"}) as http:
             async with http.post(served.url + "/start_session", json={}) as r:
-                assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "*"
+                assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
                 s = await r.json()
             base = f"{served.url}/sessions/{s['session_id']}/transport/webrtc"
             async with http.get(base + "/ice_servers") as r:
@@ -57,14 +58,14 @@ def test_routes_and_status_codes(served, arun):
             async with http.get(base + "/sdp_params") as r:
                 assert r.status == 202  # no offer yet: pending
             async with http.post(base + "/sdp_params", data="not json") as r:
-                assert r.status == 400 and r.headers["Access-Control-Allow-Origin"] == "*"
+                assert r.status == 400 and r.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
             async with http.post(base + "/sdp_params", json={"sdp_offer": "v=0\r\ngarbage", "track_mapping": []}) as r:
                 assert r.status == 400
                 assert "offer" in await r.text()
             async with http.post(base + "/sdp_params", json={"sdp_offer": 3}) as r:
                 assert r.status == 400 and "sdp_offer" in await r.text()
             async with http.get(f"{served.url}/sessions/nope/transport/webrtc/sdp_params") as r:
-                assert r.status == 404 and r.headers["Access-Control-Allow-Origin"] == "*"
+                assert r.status == 404 and r.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
             async with http.post(f"{served.url}/sessions/{s['session_id']}/uploads",
                                  json={"name": "a", "size": 1, "mime_type": "x"}) as r:
                 assert r.status == 404 and "not supported" in await r.text()
@@ -168,3 +169,36 @@ def test_cli_run(write_graph, tiny_yaml, tmp_path):
             proc.wait(5)
     assert proc.returncode == 0, err
     assert f"127.0.0.1:{port}" in out
+
+
+def test_cli_run_with_a_token_prints_the_address_to_open(write_graph, tiny_yaml):
+    """`--token` (or REACTOR_GRAPH_TOKEN): the printed address carries it; a request without it is refused."""
+    import os
+    import urllib.error
+
+    graph = write_graph(tiny_yaml)
+    port = free_port()
+    env = {**os.environ, "REACTOR_GRAPH_TOKEN": "t0ken", "COLUMNS": "300"}
+    proc = subprocess.Popen([sys.executable, "-m", "reactor_graph.cli", "run", str(graph), "--port", str(port),
+                             "--max-seconds", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        deadline = time.monotonic() + 60
+        status = None
+        while status is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/start_session", data=b"{}", method="POST")
+                urllib.request.urlopen(req, timeout=5)
+                status = 200
+            except urllib.error.HTTPError as exc:
+                status = exc.code
+            except OSError:
+                time.sleep(0.1)
+        assert status == 401
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert proc.returncode == 0, err
+    assert f"http://127.0.0.1:{port}/auth/t0ken/" in out

@@ -218,8 +218,11 @@ function onMessage(ev) {
 }
 
 // -- connecting (the SDK's local-mode sequence) --------------------------------------------------------------
+// The page may be served under /auth/<token>/ (a server started with a token): every route lives beside it.
+const BASE = location.pathname.replace(/\/+$/, "");
+
 async function api(method, path, body) {
-  const res = await fetch(path, {
+  const res = await fetch(BASE + path, {
     method, headers: body ? { "Content-Type": "application/json" } : {},
     body: body ? JSON.stringify(body) : undefined,
   });
@@ -295,7 +298,7 @@ async function connect() {
 function teardown(tellServer) {
   if (tellServer && state.sessionId) {
     const id = state.sessionId;
-    fetch("/stop_session", { method: "POST", headers: { "Content-Type": "application/json" },
+    fetch(BASE + "/stop_session", { method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ session_id: id }), keepalive: true }).catch(() => {});
   }
   clearInterval(pingTimer);

@@ -100,7 +100,10 @@ class RealRuntime:
     def __init__(self, mod):
         self.mod = mod
         self.version = version_of(mod)
-        self.model_api = importlib.import_module(f"{ROOT}.model_api")
+        try:
+            self.model_api = importlib.import_module(f"{ROOT}.model_api")
+        except ImportError:
+            self.model_api = None
         self.VideoModel = getattr(self.model_api, "VideoModel", None)
         if self.VideoModel is None:
             raise UnsupportedRuntime(f"reactor_runtime {self.version} has no VideoModel (its API is ReactorModel "

@@ -81,7 +81,7 @@ RANDOM_WEIGHTS = typer.Option(False, "--random-weights", help="ignore every node
                                                               "weights (timing the real architecture)")
 
 
-def _open(graph: str, device, dtype, compile, random_weights: bool = False):
+def _open(graph: str, device, dtype, compile, random_weights: bool = False, weights_dir=None):
     """A graph's Engine, or for a Reactor manifest.json a ModelHost (the same surface for run/render)."""
     from .loop import Engine
 
@@ -89,7 +89,10 @@ def _open(graph: str, device, dtype, compile, random_weights: bool = False):
         from .compat import open_manifest
 
         with console.status(f"loading {graph}"):
-            return open_manifest(graph)
+            host = open_manifest(graph, weights_dir=weights_dir)
+        for note in host.manifest.notes:
+            console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
+        return host
     plan = _plan(graph, random_weights)
     with console.status("loading") as status:
         engine = Engine(plan, device=device, dtype=dtype, compile=compile)
@@ -97,7 +100,11 @@ def _open(graph: str, device, dtype, compile, random_weights: bool = False):
     return engine
 
 
-GRAPH_ARG = typer.Argument(None, help="graph YAML (default: the built-in demo)", show_default=False)
+GRAPH_ARG = typer.Argument(None, help="graph YAML (default: the built-in demo), or a Reactor manifest.json",
+                           show_default=False)
+WEIGHTS_DIR = typer.Option(None, "--weights-dir", help="a Reactor manifest's model: folder where "
+                                                       "VideoModel.weights(name) finds <name>/ (repeatable; nothing "
+                                                       "is downloaded)")
 
 
 @app.command()
@@ -131,9 +138,19 @@ def show(graph: Optional[str] = GRAPH_ARG,
     Example: `reactor-graph show graphs/demo.yaml --dot plan.dot`
     """
     from .plan import load_plan
-    from .show import draw_png, print_plan, to_dot
+    from .show import draw_png, print_manifest, print_plan, to_dot
 
     with clear_errors():
+        if graph and is_manifest(graph):
+            from .compat import load_manifest
+
+            lm = load_manifest(graph)
+            if as_json:
+                out.print_json(json.dumps({"class": lm.manifest.class_, "model_name": lm.manifest.model_name,
+                                           "model_version": lm.manifest.model_version, "runtime": lm.runtime}))
+            else:
+                print_manifest(lm, out)
+            return
         plan = load_plan(graph or demo_path())
         if as_json:
             out.print_json(json.dumps(plan.describe()))
@@ -180,7 +197,7 @@ def render(graph: Optional[str] = GRAPH_ARG,
            device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
            compile: Optional[str] = typer.Option(None, help="eager | compile | cudagraph"),
            dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16"),
-           random_weights: bool = RANDOM_WEIGHTS):
+           random_weights: bool = RANDOM_WEIGHTS, weights_dir: Optional[list[Path]] = WEIGHTS_DIR):
     """Render the stream to an mp4, applying timed commands from a script.
 
     Example: `reactor-graph render graphs/demo.yaml -o demo.mp4 --blocks 32 --commands script.yaml`
@@ -191,7 +208,7 @@ def render(graph: Optional[str] = GRAPH_ARG,
     from .render import render as do_render
 
     with clear_errors():
-        engine = _open(graph or str(demo_path()), device, dtype, compile, random_weights)
+        engine = _open(graph or str(demo_path()), device, dtype, compile, random_weights, weights_dir)
         script = load_script(commands, engine) if commands else None
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("rendering", total=blocks)
@@ -213,7 +230,8 @@ def bench(graph: Optional[str] = GRAPH_ARG,
           plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG: per-node bars, block times"),
           random_weights: bool = RANDOM_WEIGHTS,
           swap: bool = typer.Option(False, "--swap", help="also swap through the graph's alternatives and report "
-                                                          "the stall of each swap")):
+                                                          "the stall of each swap"),
+          weights_dir: Optional[list[Path]] = WEIGHTS_DIR):
     """Time every node and the whole block, per compile mode, side by side.
 
     Example: `reactor-graph bench graphs/demo.yaml --compile eager,cudagraph --json b.json --plot b.png`
@@ -231,7 +249,7 @@ def bench(graph: Optional[str] = GRAPH_ARG,
         if is_manifest(graph or ""):
             from .bench import bench_host
 
-            host = _open(graph, device, dtype, None)
+            host = _open(graph, device, dtype, None, weights_dir=weights_dir)
             with console.status("benchmarking"):
                 report = bench_host(host, blocks, warmup)
             r = report["modes"]["model"]
@@ -298,7 +316,7 @@ def run(graph: Optional[str] = GRAPH_ARG,
                                                       "(default: 20x the slowest block seen, at least 30 s)"),
         advertise_address: Optional[str] = typer.Option(None, help="the address WebRTC candidates carry "
                                                         "(behind NAT or in a container)"),
-        random_weights: bool = RANDOM_WEIGHTS):
+        random_weights: bool = RANDOM_WEIGHTS, weights_dir: Optional[list[Path]] = WEIGHTS_DIR):
     """Serve a graph (or a Reactor manifest.json): a web page, the Reactor JS SDK local protocol, metrics.
 
     Example: `reactor-graph run` (the built-in demo), then open the printed address.
@@ -313,7 +331,7 @@ def run(graph: Optional[str] = GRAPH_ARG,
         if not is_loopback_host(host) and not token:
             console.print(f"[bold yellow]warning:[/] serving on {host} without a token: anyone who can reach "
                           f"this address can use the model; pass --token (or set REACTOR_GRAPH_TOKEN)")
-        engine = _open(graph or str(demo_path()), device, dtype, compile)
+        engine = _open(graph or str(demo_path()), device, dtype, compile, weights_dir=weights_dir)
         code = serve(engine, host=host, port=port, max_seconds=max_seconds, policy=policy,
                      queue_frames=queue_frames, access=access, max_session_seconds=max_session_seconds,
                      block_timeout=block_timeout, advertise_address=advertise_address,

@@ -32,6 +32,23 @@ def print_plan(plan: Plan, console: Console) -> None:
         console.print("commands: " + ", ".join(c["name"] for c in d["commands"]) + ", reset (built in)")
 
 
+def print_manifest(lm, console: Console) -> None:
+    """A Reactor manifest.json (reactor_graph.compat.LoadedManifest): the model, and the runtime it was written
+    for against what drives it here. Nothing is instantiated."""
+    m, rt = lm.manifest, lm.runtime
+    size = f"  {m.size[1]}x{m.size[0]}" if m.size else ""
+    fps = f" at {m.fps:g} fps" if m.fps else ""
+    console.print(f"[bold]{escape(m.model_name or lm.cls.__name__)}[/] {escape(m.model_version)}  "
+                  f"{escape(m.class_)}{size}{fps}")
+    by = rt["driven_by"]
+    console.print(f"reactor-runtime: written for {escape(rt['written_for'] or '(not given)')}; driven by "
+                  f"{escape(by['api'])}")
+    for n in rt["notes"]:
+        console.print(f"[yellow]warning:[/] {escape(n)}")
+    if lm.weights:
+        console.print("weights: " + ", ".join(escape(str(w)) for w in lm.weights))
+
+
 def to_dot(plan: Plan) -> str:
     lines = [f'digraph "{plan.name}" {{', "  rankdir=LR;", "  node [shape=box, fontname=Helvetica];"]
     for slot in plan.slots:

@@ -156,6 +156,17 @@ class VideoModel:
     def commands(cls) -> dict[str, ModelCommand]:
         return commands_of(cls)
 
+    def on_frame(self, frame) -> None:
+        """Called with each client video frame ([H, W, 3] uint8 RGB numpy), where the client sends video."""
+
+    @staticmethod
+    def weights(name: str):
+        """The local folder of the weights called `name` (reactor_graph.compat.weights: the manifest's mapping,
+        --weights-dir, the manifest's folder; never a download). WeightsNotFound lists where it looked."""
+        from . import weights
+
+        return weights.resolve(name)
+
 
 class Config(dict):
     """Manifest `args` handed to an `__init__(self, config)`: a dict that also reads as attributes

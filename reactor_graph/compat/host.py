@@ -27,6 +27,7 @@ stuck in; the host refuses new sessions until that thread ends.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -158,7 +159,7 @@ class ModelHost:
 
     def __init__(self, model: Any, *, name: str | None = None, version: str = "0.1.0", fps: float | None = None,
                  size: tuple[int, int] | None = None, format: str = "yuv420p", matrix: str = "bt601",
-                 stop_timeout: float = 5.0):
+                 stop_timeout: float = 5.0, commands: dict[str, ModelCommand] | None = None, driver: Any = None):
         if format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
         self.model = model
@@ -169,12 +170,16 @@ class ModelHost:
         self.stop_timeout = stop_timeout
         self.stats = Stats()
         self.manifest = None  # set by open_manifest
+        self.runtime: dict | None = None  # open_manifest: the runtime version written for and what drives it
         self.on_message: Callable[[Any], None] | None = None  # the server's hook for get_ctx().send(data)
         self.messages: deque = deque(maxlen=256)  # the last messages sent, whoever listens
         self._size: tuple[int, int] | None = tuple(size) if size else None
         if self._size and format != "rgb24" and (self._size[0] % 2 or self._size[1] % 2):
             raise ValueError(f"{format} needs an even frame size, got {self._size[0]}x{self._size[1]}")
-        self.commands = CommandTable(commands_of(type(model)))
+        # driver: reactor_graph.compat.real.RealRuntime for a model built on the installed reactor_runtime (its own
+        # context and command registry); None for reactor-graph's own API
+        self.driver = driver
+        self.commands = CommandTable(commands if commands is not None else commands_of(type(model)))
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._ctx: SessionContext | None = None
@@ -312,13 +317,13 @@ class ModelHost:
                         ctx.stop()
                     self._restarted.set()  # a waiting reset is answered once the new ctx is in place
                 try:
-                    with bound(ctx, register=True):
+                    with bound(ctx, register=True), self._driven(ctx):
                         self.model.start_session()
                 except Exception as exc:
                     self.stats.errors += 1
                     res.reason = "error"
                     res.error = f"model '{self.name}' failed in {cls}.start_session(): {type(exc).__name__}: {exc}" \
-                                f"{where_raised(exc)}"
+                                f"{where_raised(exc)}{self.driver.explain(exc) if self.driver else ''}"
                     log.error("session ended: %s", res.error, exc_info=exc)
                     break
                 finally:
@@ -339,6 +344,19 @@ class ModelHost:
                 on_end(res)
             except Exception:
                 log.exception("on_end failed")
+
+    def _driven(self, ctx: SessionContext):
+        """The real package's own context around ctx, for a model built on it (else nothing)."""
+        return self.driver.session(self.model, ctx) if self.driver is not None else contextlib.nullcontext()
+
+    def push_frame(self, frame: Any, track: str | None = None) -> None:
+        """A client video frame ([H, W, 3] uint8 RGB numpy) to the model: on_frame(frame), or for a model on
+        reactor_runtime 1.6+ its _dispatch_media(MediaBundle) (VideoIn tracks' latest(), on_media)."""
+        with bound(self._ctx):
+            if self.driver is not None:
+                self.driver.deliver_frame(self.model, frame, track)
+            elif callable(getattr(self.model, "on_frame", None)):
+                self.model.on_frame(frame)
 
     def _on_frames(self, run: _Run, frames: torch.Tensor, *, ctx: SessionContext) -> None:
         """emit_block's sink, in the model's thread: check the size, convert, count, hand on."""

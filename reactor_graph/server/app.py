@@ -211,7 +211,8 @@ class Server:
     async def health(self, request: web.Request) -> web.Response:
         m = self.manager
         return web.json_response({
-            "ok": not m.stuck, "reason": m.stuck_reason, "model": self.host.name, "version": getattr(self.host, "version", None),
+            "ok": not m.stuck, "reason": m.stuck_reason, "model": self.host.name,
+            "version": getattr(self.host, "version", None), "runtime": getattr(self.host, "runtime", None),
             "busy": bool(self.host.busy), "in_session": m.active is not None, "queue": len(m.waiting),
             "clients": len(m.clients), "fps": float(self.host.fps), "policy": self.settings.policy,
         })

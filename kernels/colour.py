@@ -1,12 +1,14 @@
 """Colour conversion between RGB and 4:2:0 YUV (planar ``yuv420p`` and semi-planar ``nv12``).
 
-The kernel family follows the layout of the Triton tutorials:
+The file reads like a Triton tutorial, top to bottom:
 
-    kernel (``_rgb_to_yuv420_kernel`` / ``_yuv420p_to_rgb_kernel``)
+    kernel (``_rgb_to_yuv420_kernel`` / ``_yuv420p_to_rgb_kernel``, ``@triton.jit``)
       -> launcher (``_rgb_to_yuv420_triton`` / ``_yuv420p_to_rgb_triton``)
       -> torch reference (``*_reference``)
-      -> public dispatching functions (``rgb_to_yuv420p``, ``rgb_to_nv12``, ``yuv420p_to_rgb``)
-      -> ``benchmark()`` (GB/s against torch eager, torch.compile and a copy-bandwidth floor).
+      -> public dispatching functions (``rgb_to_yuv420p``, ``rgb_to_nv12``, ``yuv420p_to_rgb``).
+
+The benchmark (GB/s against torch eager, torch.compile and a copy-bandwidth floor) is
+``bench/bench_colour.py``.
 
 Conventions (shared exactly by the Triton kernels and the torch references)
 ---------------------------------------------------------------------------
@@ -36,11 +38,12 @@ Conventions (shared exactly by the Triton kernels and the torch references)
   U/V), inverse limited-range matrix, clamp to [0, 1], then uint8 ``floor(255*v + 0.5)`` or float
   ``2*v - 1`` cast to the requested dtype.
 
-Dispatch: the Triton kernels run when the tensor is on CUDA, or for any device when
-``TRITON_INTERPRET=1`` is set in the environment at call time (Triton's interpreter, on CPU
-tensors). Otherwise, or where triton is not installed, the torch reference runs. Kernels are
-``triton.jit``-decorated lazily on first use and cached per mode (compiled / interpreted),
-because ``triton.jit`` decides between the two when it decorates.
+Dispatch: the kernels are decorated once, at definition, with ``@triton.jit``, which picks
+compiled or interpreted mode from ``TRITON_INTERPRET`` at that moment, i.e. when this module is
+imported (``TRITON_INTERPRET=1 python ...``, as Triton intends; changing the variable later has
+no effect). Interpreted kernels run for tensors on any device (Triton's interpreter, on CPU
+tensors); compiled ones for CUDA tensors, while CPU tensors go to the torch reference. Where
+triton is not installed the torch reference always runs.
 
 Strides: RGB input and RGB output may have arbitrary strides (they are passed to the kernel; no
 ``.contiguous()`` copy). YUV buffers must be contiguous within each frame (the planes are packed
@@ -54,9 +57,7 @@ Only Triton builtins available since Triton 3.0 (so in 3.6) are used: ``tl.progr
 """
 
 
-import json
-import os
-import sys
+import contextlib
 from typing import Optional
 
 import torch
@@ -67,10 +68,14 @@ try:  # guarded: the module (and its torch references) must import where triton 
 
     _HAVE_TRITON = True
 except Exception:  # pragma: no cover - exercised only where triton is absent or broken
-    triton = None
     _HAVE_TRITON = False
 
-    class tl:  # noqa: N801 - stand-in so the kernel annotations below evaluate; never launched
+    class triton:  # noqa: N801 - stand-ins so the kernel definitions below evaluate; never launched
+        @staticmethod
+        def jit(fn):
+            return fn
+
+    class tl:  # noqa: N801
         constexpr = object
 
 
@@ -82,7 +87,6 @@ __all__ = [
     "rgb_to_yuv420p_reference",
     "rgb_to_nv12_reference",
     "yuv420p_to_rgb_reference",
-    "benchmark",
 ]
 
 # (Kr, Kb) luma weights; Kg = 1 - Kr - Kb.
@@ -129,92 +133,7 @@ def _unit_scale_bias(dtype: torch.dtype):
 
 
 # --------------------------------------------------------------------------------------------
-# validation
-# --------------------------------------------------------------------------------------------
-def _even_size_error(fn: str, h: int, w: int) -> ValueError:
-    he, we = h - h % 2, w - w % 2
-    return ValueError(
-        f"{fn}: got height={h}, width={w}; 4:2:0 chroma subsampling needs an even height and an "
-        f"even width. Crop to {he}x{we} (e.g. x[..., :{he}, :{we}]) or pad to "
-        f"{h + h % 2}x{w + w % 2} before converting."
-    )
-
-
-def _check_rgb(rgb, fn: str):
-    if not isinstance(rgb, torch.Tensor):
-        raise ValueError(f"{fn}: expected a torch.Tensor [T, 3, H, W], got {type(rgb).__name__}")
-    if rgb.dim() != 4 or rgb.shape[1] != 3:
-        raise ValueError(
-            f"{fn}: expected rgb of shape [T, 3, H, W] (rank 4, 3 channels), got shape "
-            f"{tuple(rgb.shape)}"
-        )
-    if rgb.dtype not in _RGB_DTYPES:
-        raise ValueError(
-            f"{fn}: got dtype {rgb.dtype}; accepted: torch.uint8 (codes in [0, 255]) or "
-            f"torch.float32 / torch.float16 / torch.bfloat16 (values in [-1, 1])"
-        )
-    t, _, h, w = rgb.shape
-    if h % 2 or w % 2:
-        raise _even_size_error(fn, h, w)
-    return t, h, w
-
-
-def _check_yuv(yuv, fn: str):
-    if not isinstance(yuv, torch.Tensor):
-        raise ValueError(f"{fn}: expected a torch.Tensor [T, H*3//2, W], got {type(yuv).__name__}")
-    if yuv.dim() != 3:
-        raise ValueError(
-            f"{fn}: expected yuv420p of shape [T, H*3//2, W] (rank 3), got shape {tuple(yuv.shape)}"
-        )
-    if yuv.dtype != torch.uint8:
-        raise ValueError(f"{fn}: got dtype {yuv.dtype}; accepted: torch.uint8")
-    t, rows, w = yuv.shape
-    if rows % 3:
-        raise ValueError(
-            f"{fn}: got {rows} rows; a yuv420p frame has H*3//2 rows for an even H, so the row "
-            f"count must be a multiple of 3"
-        )
-    h = rows * 2 // 3
-    if w % 2:
-        raise _even_size_error(fn, h, w)
-    return t, h, w
-
-
-def _check_out(out, shape, dtype, device, fn: str, frame_packed: bool):
-    if not isinstance(out, torch.Tensor):
-        raise ValueError(f"{fn}: out must be a torch.Tensor, got {type(out).__name__}")
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
-        raise ValueError(
-            f"{fn}: out must have shape {tuple(shape)}, dtype {dtype}, device {device}; got shape "
-            f"{tuple(out.shape)}, dtype {out.dtype}, device {out.device}"
-        )
-    if frame_packed and out.numel() and not (out.stride(2) == 1 and (out.shape[1] == 1 or out.stride(1) == out.shape[2])):
-        raise ValueError(
-            f"{fn}: out must be contiguous within each frame (strides (*, {shape[2]}, 1)), got "
-            f"strides {tuple(out.stride())}; its frame stride may be anything"
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# dispatch
-# --------------------------------------------------------------------------------------------
-def _interpret_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
-def _backend_for(t: torch.Tensor) -> str:
-    """'triton-interpret', 'triton' or 'torch': which implementation the public functions use."""
-    if not _HAVE_TRITON:
-        return "torch"
-    if _interpret_requested():
-        return "triton-interpret"
-    if t.is_cuda:
-        return "triton"
-    return "torch"
-
-
-# --------------------------------------------------------------------------------------------
-# Triton kernels (plain python functions; jitted lazily by _kernel())
+# Triton kernels
 #
 # Tiling: program (row, col) with row = t * (H/2) + cy handles chroma row cy of frame t, i.e.
 # pixel rows 2*cy and 2*cy+1, over the 2*BLOCK_C contiguous pixel columns of column tile `col`.
@@ -222,11 +141,11 @@ def _backend_for(t: torch.Tensor) -> str:
 # 8-16 bytes per thread when W is a multiple of 16 and the innermost stride is 1). Only the
 # chroma path views a run as [BLOCK_C, 2] quads: tl.reshape + tl.split pairs even/odd columns
 # and tl.join + tl.reshape interleaves them back; with the default layouts these are register
-# renamings (no shared memory). Builtins only (no standard-library @jit helpers such as
-# tl.sum, which would be fixed to compiled mode when triton is imported and break the lazily
-# decorated interpreter path). All used ops exist since Triton 3.0; the kernels were compiled to
-# sm_90 cubin with Triton 3.6.0 and 3.9.0 (CPU-only AOT compile).
+# renamings (no shared memory). Builtins only (no standard-library @jit helpers such as tl.sum).
+# All used ops exist since Triton 3.0; the kernels were compiled to sm_90 cubin with Triton 3.6.0
+# and 3.9.0 (CPU-only AOT compile).
 # --------------------------------------------------------------------------------------------
+@triton.jit
 def _rgb_to_yuv420_kernel(
     rgb_ptr, out_ptr,
     H, W,
@@ -304,6 +223,7 @@ def _rgb_to_yuv420_kernel(
         tl.store(u_row + HC * WC + cx, vc, mask=mask_c)
 
 
+@triton.jit
 def _yuv420p_to_rgb_kernel(
     yuv_ptr, out_ptr,
     H, W,
@@ -370,35 +290,14 @@ def _yuv420p_to_rgb_kernel(
         tl.store(out_top + 2 * o_c + off_p, (b_t * 255.0 + 0.5).to(tl.int32).to(tl.uint8), mask=mask_p)
         tl.store(out_bot + 2 * o_c + off_p, (b_b * 255.0 + 0.5).to(tl.int32).to(tl.uint8), mask=mask_p)
 
+
+# Whether ``triton.jit`` above made interpreted kernels (TRITON_INTERPRET=1 at import).
+_INTERPRET = _HAVE_TRITON and not isinstance(_rgb_to_yuv420_kernel, triton.JITFunction)
+
+
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-_JITTED: dict = {}
-
-
-def _kernel(raw_fn, interpret: bool):
-    """``triton.jit(raw_fn)``, decorated in the requested mode and cached.
-
-    ``triton.jit`` returns an interpreter-backed function when TRITON_INTERPRET is set at
-    *decoration* time, so decoration is deferred to first use and keyed by the mode that the
-    environment asks for at call time.
-    """
-    key = (raw_fn.__name__, interpret)
-    fn = _JITTED.get(key)
-    if fn is None:
-        prev = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-        try:
-            fn = triton.jit(raw_fn)
-        finally:
-            if prev is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = prev
-        _JITTED[key] = fn
-    return fn
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -410,20 +309,9 @@ def _default_config(wc: int):
     return block_c, num_warps
 
 
-class _device_guard:
+def _device_guard(t: torch.Tensor):
     """``torch.cuda.device(t.device)`` for CUDA tensors (Triton launches on the current device)."""
-
-    def __init__(self, t: torch.Tensor):
-        self._ctx = torch.cuda.device(t.device) if t.is_cuda else None
-
-    def __enter__(self):
-        if self._ctx is not None:
-            self._ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self._ctx is not None:
-            return self._ctx.__exit__(*exc)
-        return False
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _rgb_to_yuv420_triton(rgb, out, matrix: str, nv12: bool, block_c=None, num_warps=None):
@@ -437,10 +325,9 @@ def _rgb_to_yuv420_triton(rgb, out, matrix: str, nv12: bool, block_c=None, num_w
     num_warps = num_warps or d_warps
     ky, ku, kv = _forward_coeffs(matrix)
     scale, bias = _unit_scale_bias(rgb.dtype)
-    kern = _kernel(_rgb_to_yuv420_kernel, _interpret_requested())
     grid = (t * hc, triton.cdiv(wc, block_c))
     with _device_guard(rgb):
-        kern[grid](
+        _rgb_to_yuv420_kernel[grid](
             rgb, out,
             h, w,
             rgb.stride(0), rgb.stride(1), rgb.stride(2), rgb.stride(3),
@@ -462,10 +349,9 @@ def _yuv420p_to_rgb_triton(yuv, out, matrix: str, block_c=None, num_warps=None):
     d_block, d_warps = _default_config(wc)
     block_c = block_c or d_block
     num_warps = num_warps or d_warps
-    kern = _kernel(_yuv420p_to_rgb_kernel, _interpret_requested())
     grid = (t * hc, triton.cdiv(wc, block_c))
     with _device_guard(yuv):
-        kern[grid](
+        _yuv420p_to_rgb_kernel[grid](
             yuv, out,
             h, w,
             yuv.stride(0),
@@ -569,6 +455,73 @@ def yuv420p_to_rgb_reference(
     return _finish_reference(res, out)
 
 
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+def _even_size_error(fn: str, h: int, w: int) -> ValueError:
+    he, we = h - h % 2, w - w % 2
+    return ValueError(
+        f"{fn}: got height={h}, width={w}; 4:2:0 chroma subsampling needs an even height and an "
+        f"even width. Crop to {he}x{we} (e.g. x[..., :{he}, :{we}]) or pad to "
+        f"{h + h % 2}x{w + w % 2} before converting."
+    )
+
+
+def _check_rgb(rgb, fn: str):
+    if not isinstance(rgb, torch.Tensor):
+        raise ValueError(f"{fn}: expected a torch.Tensor [T, 3, H, W], got {type(rgb).__name__}")
+    if rgb.dim() != 4 or rgb.shape[1] != 3:
+        raise ValueError(
+            f"{fn}: expected rgb of shape [T, 3, H, W] (rank 4, 3 channels), got shape "
+            f"{tuple(rgb.shape)}"
+        )
+    if rgb.dtype not in _RGB_DTYPES:
+        raise ValueError(
+            f"{fn}: got dtype {rgb.dtype}; accepted: torch.uint8 (codes in [0, 255]) or "
+            f"torch.float32 / torch.float16 / torch.bfloat16 (values in [-1, 1])"
+        )
+    t, _, h, w = rgb.shape
+    if h % 2 or w % 2:
+        raise _even_size_error(fn, h, w)
+    return t, h, w
+
+
+def _check_yuv(yuv, fn: str):
+    if not isinstance(yuv, torch.Tensor):
+        raise ValueError(f"{fn}: expected a torch.Tensor [T, H*3//2, W], got {type(yuv).__name__}")
+    if yuv.dim() != 3:
+        raise ValueError(
+            f"{fn}: expected yuv420p of shape [T, H*3//2, W] (rank 3), got shape {tuple(yuv.shape)}"
+        )
+    if yuv.dtype != torch.uint8:
+        raise ValueError(f"{fn}: got dtype {yuv.dtype}; accepted: torch.uint8")
+    t, rows, w = yuv.shape
+    if rows % 3:
+        raise ValueError(
+            f"{fn}: got {rows} rows; a yuv420p frame has H*3//2 rows for an even H, so the row "
+            f"count must be a multiple of 3"
+        )
+    h = rows * 2 // 3
+    if w % 2:
+        raise _even_size_error(fn, h, w)
+    return t, h, w
+
+
+def _check_out(out, shape, dtype, device, fn: str, frame_packed: bool):
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"{fn}: out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(
+            f"{fn}: out must have shape {tuple(shape)}, dtype {dtype}, device {device}; got shape "
+            f"{tuple(out.shape)}, dtype {out.dtype}, device {out.device}"
+        )
+    if frame_packed and out.numel() and not (out.stride(2) == 1 and (out.shape[1] == 1 or out.stride(1) == out.shape[2])):
+        raise ValueError(
+            f"{fn}: out must be contiguous within each frame (strides (*, {shape[2]}, 1)), got "
+            f"strides {tuple(out.stride())}; its frame stride may be anything"
+        )
+
+
 def _check_out_dtype(out_dtype, fn: str) -> torch.dtype:
     if out_dtype not in _RGB_DTYPES:
         raise ValueError(
@@ -576,6 +529,18 @@ def _check_out_dtype(out_dtype, fn: str) -> torch.dtype:
             f"torch.float32 / torch.float16 / torch.bfloat16 (values in [-1, 1])"
         )
     return out_dtype
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------------
+def _backend_for(t: torch.Tensor) -> str:
+    """'triton-interpret', 'triton' or 'torch': which implementation the public functions use."""
+    if _INTERPRET:
+        return "triton-interpret"
+    if _HAVE_TRITON and t.is_cuda:
+        return "triton"
+    return "torch"
 
 
 # --------------------------------------------------------------------------------------------
@@ -637,235 +602,3 @@ def yuv420p_to_rgb(
     if yuv.numel() and not (yuv.stride(2) == 1 and yuv.stride(1) == w):
         yuv = yuv.contiguous()
     return _yuv420p_to_rgb_triton(yuv, out, matrix)
-
-
-# --------------------------------------------------------------------------------------------
-# benchmark
-# --------------------------------------------------------------------------------------------
-def benchmark(
-    T: int = 12,
-    H: int = 480,
-    W: int = 832,
-    dtype: torch.dtype = torch.bfloat16,
-    matrix: str = "bt601",
-    sweep: bool = True,
-    compile_reference: bool = True,
-    json_path: Optional[str] = None,
-    file=None,
-    device: str = "cuda",
-) -> dict:
-    """Time the Triton kernels against torch on CUDA; return (and optionally write) a JSON dict.
-
-    For each conversion: the Triton kernel (writing into a preallocated ``out``), the torch
-    reference eager, ``torch.compile`` of the reference, and a memory floor = bytes read +
-    written by the conversion / the device-copy bandwidth measured in this run (a torch
-    ``copy_`` of a buffer of that many bytes, which moves twice that). GB/s = (bytes read +
-    written) / time. ``triton_over_floor`` = Triton ms / floor ms (1.0 = at copy bandwidth).
-    Timings are ``triton.testing.do_bench`` means (L2 flushed between calls); the Triton kernel
-    is also timed replayed from a CUDA graph (``do_bench_cudagraph``), which removes the Python
-    validation and launch overhead of the public function.
-    With ``sweep`` the forward yuv420p kernel is also timed for a few (BLOCK_C, num_warps).
-
-    ``device="cpu"`` is a smoke mode for tests only (needs TRITON_INTERPRET=1; a plain
-    wall-clock timer, one repetition; the numbers mean nothing).
-    """
-    file = sys.stdout if file is None else file
-    dev = torch.device(device)
-    if not _HAVE_TRITON:
-        raise RuntimeError("colour.benchmark(): needs triton")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("colour.benchmark(): needs a CUDA device (torch.cuda.is_available() is False)")
-        if _interpret_requested():
-            raise RuntimeError("colour.benchmark(): unset TRITON_INTERPRET to time compiled kernels")
-        from triton.testing import do_bench, do_bench_cudagraph
-
-        def ms_of(fn):
-            return float(do_bench(fn, warmup=25, rep=200))
-
-        def graph_ms_of(fn):
-            return float(do_bench_cudagraph(fn, rep=100))
-
-        device_name = torch.cuda.get_device_name(dev)
-    else:
-        if not _interpret_requested():
-            raise RuntimeError("colour.benchmark(): on CPU only as a smoke test, with TRITON_INTERPRET=1")
-        import time
-
-        def ms_of(fn):
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            return max((time.perf_counter() - t0) * 1e3, 1e-6)
-
-        graph_ms_of = ms_of  # exercises the same code path; no graph on CPU
-
-        device_name = f"{dev.type} (smoke mode: Triton interpreter, timings meaningless)"
-
-    gen = torch.Generator(device=dev).manual_seed(0)
-    if dtype == torch.uint8:
-        rgb = torch.randint(0, 256, (T, 3, H, W), device=dev, generator=gen, dtype=torch.uint8)
-    else:
-        rgb = (torch.rand((T, 3, H, W), device=dev, generator=gen) * 2 - 1).to(dtype)
-    yuv_out = torch.empty((T, H * 3 // 2, W), dtype=torch.uint8, device=dev)
-    rgb_in_bytes = rgb.numel() * rgb.element_size()
-    yuv_bytes = yuv_out.numel()
-
-    # device copy bandwidth, measured on a buffer as large as the biggest conversion's traffic
-    n_copy = rgb_in_bytes + yuv_bytes
-    src = torch.empty(n_copy, dtype=torch.uint8, device=dev).fill_(1)
-    dst = torch.empty_like(src)
-    copy_ms = ms_of(lambda: dst.copy_(src))
-    copy_gbps = 2 * n_copy / (copy_ms * 1e-3) / 1e9
-    del src, dst
-
-    def compiled(fn):
-        try:
-            return torch.compile(fn, dynamic=False)
-        except Exception as e:  # pragma: no cover - depends on the machine
-            return e
-
-    n_rot = 4
-
-    def rotating(fn, src, out):
-        """A call cycling over ``n_rot`` copies of (src, out): back-to-back replays in a CUDA
-        graph (no L2 flush there) then do not find the previous call's data in L2."""
-        copies = [(src.clone(), torch.empty_like(out)) for _ in range(n_rot)]
-        state = [0]
-
-        def call():
-            x, o = copies[state[0] % n_rot]
-            state[0] += 1
-            fn(x, o)
-
-        return call
-
-    fwd_yuv = lambda x, o: rgb_to_yuv420p(x, matrix, out=o)  # noqa: E731
-    fwd_nv12 = lambda x, o: rgb_to_nv12(x, matrix, out=o)  # noqa: E731
-    yuv_in = rgb_to_yuv420p_reference(rgb, matrix)
-    rgb_out = torch.empty((T, 3, H, W), dtype=dtype, device=dev)
-    inv = lambda x, o: yuv420p_to_rgb(x, matrix, dtype, out=o)  # noqa: E731
-    cases = {
-        "rgb_to_yuv420p": dict(
-            nbytes=rgb_in_bytes + yuv_bytes,
-            triton=lambda: fwd_yuv(rgb, yuv_out),
-            graph=rotating(fwd_yuv, rgb, yuv_out) if graph_ms_of else None,
-            ref=lambda: rgb_to_yuv420p_reference(rgb, matrix),
-            ref_fn=rgb_to_yuv420p_reference, ref_args=(rgb, matrix),
-        ),
-        "rgb_to_nv12": dict(
-            nbytes=rgb_in_bytes + yuv_bytes,
-            triton=lambda: fwd_nv12(rgb, yuv_out),
-            graph=rotating(fwd_nv12, rgb, yuv_out) if graph_ms_of else None,
-            ref=lambda: rgb_to_nv12_reference(rgb, matrix),
-            ref_fn=rgb_to_nv12_reference, ref_args=(rgb, matrix),
-        ),
-        f"yuv420p_to_rgb_{str(dtype).replace('torch.', '')}": dict(
-            nbytes=yuv_bytes + rgb_in_bytes,
-            triton=lambda: inv(yuv_in, rgb_out),
-            graph=rotating(inv, yuv_in, rgb_out) if graph_ms_of else None,
-            ref=lambda: yuv420p_to_rgb_reference(yuv_in, matrix, dtype),
-            ref_fn=yuv420p_to_rgb_reference, ref_args=(yuv_in, matrix, dtype),
-        ),
-    }
-
-    result = {
-        "device": device_name,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "shape": [T, 3, H, W],
-        "dtype": str(dtype).replace("torch.", ""),
-        "matrix": matrix,
-        "copy": {"bytes": 2 * n_copy, "ms": copy_ms, "gbps": copy_gbps},
-        "cases": {},
-    }
-
-    def line(name, ms, nbytes, extra=""):
-        gbps = nbytes / (ms * 1e-3) / 1e9
-        print(f"  {name:<22} {ms:9.4f} ms  {gbps:8.1f} GB/s {extra}", file=file)
-        return {"ms": ms, "gbps": gbps}
-
-    print(
-        f"colour benchmark: [{T}, 3, {H}, {W}] {result['dtype']} {matrix} on {result['device']}"
-        f" (copy bandwidth {copy_gbps:.1f} GB/s)",
-        file=file,
-    )
-    for name, c in cases.items():
-        nbytes = c["nbytes"]
-        entry = {"bytes": nbytes}
-        # correctness first: the kernel must agree with the reference (<= 1 code / 1 ulp)
-        got = c["triton"]().clone()
-        want = c["ref"]()
-        entry["max_abs_diff_vs_reference"] = float((got.float() - want.float()).abs().max().item())
-        print(f"{name}: max |triton - reference| = {entry['max_abs_diff_vs_reference']:g}", file=file)
-        floor_ms = nbytes / (copy_gbps * 1e9) * 1e3
-        entry["floor"] = line("memory floor", floor_ms, nbytes)
-        entry["triton"] = line("triton", ms_of(c["triton"]), nbytes)
-        if graph_ms_of is not None:
-            try:  # replayed from a CUDA graph: kernel time without Python / launch overhead
-                entry["triton_cudagraph"] = line("triton (CUDA graph)", graph_ms_of(c["graph"]), nbytes)
-            except Exception as e:  # pragma: no cover - depends on the machine
-                entry["triton_cudagraph"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-        entry["torch_eager"] = line("torch eager (ref)", ms_of(c["ref"]), nbytes)
-        if compile_reference:
-            fn = compiled(c["ref_fn"])
-            try:
-                if isinstance(fn, Exception):
-                    raise fn
-                args = c["ref_args"]
-                fn(*args)  # compile outside the timing
-                entry["torch_compile"] = line("torch.compile (ref)", ms_of(lambda: fn(*args)), nbytes)
-            except Exception as e:  # pragma: no cover - depends on the machine
-                entry["torch_compile"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-                print(f"  torch.compile (ref)    failed: {entry['torch_compile']['error']}", file=file)
-        entry["triton_over_floor"] = entry["triton"]["ms"] / floor_ms
-        print(f"  triton / floor         {entry['triton_over_floor']:9.3f}x", file=file)
-        result["cases"][name] = entry
-
-    if sweep:
-        nbytes = rgb_in_bytes + yuv_bytes
-        rows = []
-        print("rgb_to_yuv420p config sweep (BLOCK_C, num_warps):", file=file)
-        for block_c in (64, 128, 256, 512, 1024):
-            for num_warps in (1, 2, 4, 8):
-                per_thread = block_c * 2 // (32 * num_warps)  # pixels per thread per row
-                if per_thread < 1 or per_thread > 16:
-                    continue
-                try:
-                    ms = ms_of(lambda: _rgb_to_yuv420_triton(rgb, yuv_out, matrix, False, block_c, num_warps))
-                    r = line(f"BLOCK_C={block_c} w={num_warps}", ms, nbytes)
-                    rows.append({"block_c": block_c, "num_warps": num_warps, **r})
-                except Exception as e:  # pragma: no cover
-                    rows.append({"block_c": block_c, "num_warps": num_warps, "error": str(e)[:300]})
-        result["sweep_rgb_to_yuv420p"] = rows
-        result["default_config"] = dict(zip(("block_c", "num_warps"), _default_config(W // 2)))
-
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {json_path}", file=file)
-    return result
-
-
-def _main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(description="Benchmark the Triton colour-conversion kernels (CUDA).")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    p.add_argument("--T", type=int, default=12)
-    p.add_argument("--H", type=int, default=480)
-    p.add_argument("--W", type=int, default=832)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "uint8"])
-    p.add_argument("--matrix", default="bt601", choices=sorted(MATRICES))
-    p.add_argument("--no-sweep", action="store_true")
-    p.add_argument("--no-compile", action="store_true")
-    a = p.parse_args(argv)
-    benchmark(
-        a.T, a.H, a.W, getattr(torch, a.dtype), a.matrix,
-        sweep=not a.no_sweep, compile_reference=not a.no_compile, json_path=a.json,
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

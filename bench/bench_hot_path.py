@@ -23,7 +23,7 @@ from reactor_graph.plan import load_plan
 
 def bare_replay(engine: Engine, n: int = 200) -> dict:
     ex = engine.executor
-    key = ex._key(engine.phases(10_000))  # the steady phase
+    key = ex.key_of(engine.phases(10_000))  # the steady phase
     graph = ex.graphs[key]
     for _ in range(10):
         graph.replay()

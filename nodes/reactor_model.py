@@ -44,7 +44,9 @@ from reactor_graph.compat import api as compat_api
 from reactor_graph.compat.frames import FrameError, to_float, to_uint8
 from reactor_graph.compat.host import where_raised, where_running
 from reactor_graph.compat.manifest import ModelLoadError, init_problems, instantiate, load_class
+from reactor_graph.errors import SessionError
 from reactor_graph.node import Node, Port, register
+from reactor_graph.session_thread import SessionThread
 
 log = logging.getLogger("reactor_graph.compat")
 _KINDS = {str: "str", int: "int", float: "float", bool: "bool"}
@@ -115,8 +117,7 @@ class ReactorModel(Node):
         self._cond = threading.Condition()
         self._fifo: deque[torch.Tensor] = deque()
         self._ctx: compat_api.SessionContext | None = None
-        self._thread: threading.Thread | None = None
-        self._stuck: threading.Thread | None = None
+        self._runner = SessionThread(f"reactor-model-{name}")
         self._error: str | None = None
         self._emitted = 0  # frames the running model session emitted
         self._applied: dict[str, Any] = {}
@@ -139,37 +140,35 @@ class ReactorModel(Node):
 
     def reset(self):
         """End the model's session (if one runs) and forget its frames; the next forward() starts a new one."""
-        ctx, t = self._ctx, self._thread
+        ctx = self._ctx
         if ctx is not None:
             ctx.stop()
         with self._cond:
             self._cond.notify_all()
-        if t is not None:
-            t.join(self.params.stop_timeout)
-            if t.is_alive():
-                self._stuck = t
-                log.error("node %s: %s.start_session() did not return within %.1fs of being asked to stop; it is "
-                          "at %s", self.name, self.cls.__name__, self.params.stop_timeout, where_running(t))
-        self._ctx = self._thread = None
+        try:
+            self._runner.stop(self.params.stop_timeout, lambda t: (
+                f"node {self.name}: {self.cls.__name__}.start_session() did not return within "
+                f"{self.params.stop_timeout:.1f}s of being asked to stop; it is at {where_running(t)}"))
+        except SessionError as exc:  # reset() must not raise; the next _start() refuses while it runs
+            log.error("%s", exc)
+        self._ctx = None
         with self._cond:
             self._fifo.clear()
         self._error = None
         self._applied.clear()
 
     def _start(self) -> None:
-        if self._stuck is not None:
-            if self._stuck.is_alive():
-                raise RuntimeError(f"the model's previous session has not ended: {self.cls.__name__}.start_session() "
-                                   f"is still running at {where_running(self._stuck)} and ignores should_stop()")
-            self._stuck = None
+        stuck = self._runner.thread
+        busy = (f"the model's previous session has not ended: {self.cls.__name__}.start_session() is still "
+                f"running at {where_running(stuck) if stuck else '?'} and ignores should_stop()")
+        if self._runner.busy:
+            raise RuntimeError(busy)
         ctx = compat_api.SessionContext(sink=lambda frames: self._take(ctx, frames), messages=self._message,
                                         size=lambda: (self.graph.height, self.graph.width), owner=self.name)
         self._ctx, self._emitted, self._error = ctx, 0, None
-        self._thread = threading.Thread(target=self._run_model, args=(ctx,), name=f"reactor-model-{self.name}",
-                                        daemon=True)
         self.sessions += 1
         self._applied.clear()  # a new model session gets every bound command again
-        self._thread.start()
+        self._runner.start(lambda: self._run_model(ctx), busy)
 
     def _run_model(self, ctx) -> None:
         try:
@@ -249,7 +248,7 @@ class ReactorModel(Node):
 
     # -- the block ------------------------------------------------------------------------------------------
     def forward(self, **inputs):
-        if self._thread is None:
+        if self._ctx is None:  # no model session since the last reset
             self._start()
         if self._bindings:
             self._apply_bound(inputs)
@@ -259,7 +258,7 @@ class ReactorModel(Node):
             while len(self._fifo) < t:
                 if self._error is not None:
                     raise RuntimeError(self._error)
-                if not self._thread.is_alive():  # returned on its own: wrap, unless it emitted nothing at all
+                if not self._runner.busy:  # returned on its own: wrap, unless it emitted nothing at all
                     if self._emitted == 0:
                         raise RuntimeError(f"{self.cls.__name__}.start_session() returned without emitting a frame")
                     self._cond.release()

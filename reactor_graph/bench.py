@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from .compile import CompiledHotPath, make_executor
+from .compile import CompiledHotPath
 from .loop import Engine
 
 SCHEMA = 1
@@ -79,7 +79,7 @@ def bench_mode(engine: Engine, mode: str, blocks: int, warmup: int, progress=Non
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    engine.executor = make_executor(engine, progress=say)
+    engine.prepare_executor(progress=say)
     prep_s = time.perf_counter() - t0
     ex = engine.executor
     # Per-node timers: every hot node in eager; prologue nodes and the captured segment when compiled.

@@ -331,7 +331,7 @@ def run(graph: Optional[str] = GRAPH_ARG,
         if not is_loopback_host(host) and not token:
             console.print(f"[bold yellow]warning:[/] serving on {host} without a token: anyone who can reach "
                           f"this address can use the model; pass --token (or set REACTOR_GRAPH_TOKEN)")
-        engine = _open(graph or str(demo_path()), device, dtype, compile, weights_dir=weights_dir)
+        engine = _open(graph or str(demo_path()), device, dtype, compile, random_weights, weights_dir=weights_dir)
         code = serve(engine, host=host, port=port, max_seconds=max_seconds, policy=policy,
                      queue_frames=queue_frames, access=access, max_session_seconds=max_session_seconds,
                      block_timeout=block_timeout, advertise_address=advertise_address,

@@ -16,11 +16,14 @@ from typing import Any, Callable
 from . import node as node_mod
 import torch
 
-from .compile import HotPath, resolve_device, resolve_dtype
+from . import swap
+from .compile import CompiledHotPath, build_executor, phase_keys
+from .devices import resolve_device, resolve_dtype
 from .emit import Block, HostCopier
 from .errors import NodeError, ReactorGraphError, SessionError
-from . import swap
-from .plan import Plan, Source
+from .hot_path import HotPath, run_node
+from .plan import Plan, Source, Wiring
+from .session_thread import SessionThread
 from .slots import RESET, CommandQueue, Pending, SlotStore
 
 log = logging.getLogger("reactor_graph")
@@ -64,26 +67,30 @@ class Engine:
         self.mode = compile or ("eager" if self.device.type == "cpu" else spec.compile)
         self.mode_note = ""
         self.compile_backend = compile_backend  # tests use "aot_eager": same guards and graphs, no C++ build
-        self.nodes = dict(plan.nodes)  # the active node per name (alternatives swap in here)
+        self.wiring: Wiring = plan.wiring  # this session's: the plan's, or what swaps made of it
         self.commands = CommandQueue(plan.commands)
         self.slots = SlotStore(plan.slots)
         self.stats = Stats()
-        self.hot = HotPath(plan, self.nodes)
+        self.hot = HotPath(plan, self.wiring)
         self.copier: HostCopier | None = None
         self.loaded = False
         self.stop_timeout = 5.0
         self.load_times: dict[str, float] = {}
         self._session_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._runner = SessionThread("reactor-graph-session")
+        self._stop = self._runner.stop_event
         self._seen: dict[str, dict[Source, int]] = {}  # on-change node -> versions of its inputs last run
         self._last_versions: dict[Source, int] | None = None  # hot path's external versions at the last block
         self._versions: dict[Source, int] = {}
         self._values: dict[Source, Any] = {}
         self.executor: Callable = self.hot
-        self.original_bindings = dict(plan.bindings)
         self.restart_pending = False
         self._block_t0: float | None = None  # when the block now running began (None between blocks)
+
+    @property
+    def nodes(self):
+        """The node running under each name in this session (a swapped-in alternative, or the declared one)."""
+        return self.wiring.nodes
 
     # -- what a server shows (reactor_graph.host.StreamHost) ----------------------------------------
     @property
@@ -133,12 +140,45 @@ class Engine:
             self.load_times[name] = time.perf_counter() - t0
         self.copier = HostCopier(self.device)
         self._warm_alternatives(say)
-        from .compile import make_executor
-
         say(f"preparing the hot path ({self.mode})")
-        self.executor = make_executor(self, progress=say)
+        self.prepare_executor(progress=say)
         self.loaded = True
         return self
+
+    def phase_keys(self) -> list[tuple[int, dict[str, int]]]:
+        return phase_keys(self.hot, self.phases)
+
+    def prepare_executor(self, progress: Callable[[str], None] | None = None) -> Callable:
+        """Build the executor for `mode` over the current wiring; a compiled one is warmed (and captured)
+        on real inputs from the current slots, phase by phase as a session meets them."""
+        say = progress or (lambda msg: None)
+        if self.mode == "cudagraph" and self.device.type != "cuda":
+            log.warning("compile mode 'cudagraph' needs a CUDA GPU; this engine runs on %s, so it falls back to "
+                        "'eager'", self.device)
+            self.mode_note = f"cudagraph needs a CUDA GPU; fell back to eager on {self.device}"
+            self.mode = "eager"
+        ex = build_executor(self.hot, self.mode, self.device, self.compile_backend)
+        if isinstance(ex, CompiledHotPath):
+            verb = "capturing" if self.mode == "cudagraph" else "compiling"
+            self.reset_nodes()  # warm-up writes node state (KV caches): reset before and after
+            with torch.inference_mode():
+                self.run_on_change()
+                keys = self.phase_keys()
+                for i, key in enumerate(keys):
+                    say(f"{verb} phase {key[0]} of the hot path ({i + 1}/{len(keys)})")
+                    ex.warm_up([key], self.external)
+            self.reset_nodes()
+        self.executor = ex
+        return ex
+
+    def use_wiring(self, wiring: Wiring, recapture: bool) -> None:
+        """Run with `wiring` from the next block on: a new hot path over it, and a new executor when
+        hot-path code changed (`recapture`; compiled modes compile and capture it now)."""
+        self.wiring = wiring
+        old = self.hot
+        self.hot = HotPath(self.plan, wiring)
+        if recapture or self.executor is old:
+            self.prepare_executor()
 
     def _warm_alternatives(self, say) -> None:
         """Run each declared condition alternative once on default slots, so its first swap is not its first
@@ -211,32 +251,24 @@ class Engine:
 
     def run_on_change(self) -> None:
         for name in self.plan.on_change:
-            binds = self.plan.bindings[name]
+            binds = self.wiring.bindings[name]
             versions = {src: self._source_value(src)[1] for src in binds.values()}
             if self._seen.get(name) == versions:
                 continue
-            node = self.nodes[name]
             values = {src: self._source_value(src)[0] for src in binds.values()}
-            self.hot.current = name
-            try:
-                self.hot.prepare_host(name, values)
-                outs = node.forward(**self.hot.forward_inputs(name, values))
-            except Exception as exc:
-                raise NodeError(name, node.type_name, "forward", exc) from exc
-            finally:
-                self.hot.current = None
-            for port, value in outs.items():
+            run_node(self.hot, name, values)
+            for port in self.nodes[name].ports()[1]:
                 src = Source(name, port)
-                self._values[src] = value
+                self._values[src] = values[src]
                 self._versions[src] = self._versions.get(src, 0) + 1
             self._seen[name] = versions
             self.stats.on_change_runs[name] = self.stats.on_change_runs.get(name, 0) + 1
 
     def external(self) -> dict[Source, Any]:
-        return {src: self._source_value(src)[0] for src in self.hot.external_sources()}
+        return {src: self._source_value(src)[0] for src in self.hot.external_sources}
 
     def external_versions(self) -> dict[Source, int]:
-        return {src: self._source_value(src)[1] for src in self.hot.external_sources()}
+        return {src: self._source_value(src)[1] for src in self.hot.external_sources}
 
     def _wrap_length(self) -> int | None:
         lengths = [n.max_blocks() for n in self.nodes.values() if n.max_blocks()]
@@ -265,7 +297,7 @@ class Engine:
         moved = {src for src, v in versions.items() if last.get(src) != v}
         if not moved:
             return {}
-        return {n: frozenset(p for p, src in self.plan.bindings[n].items() if src in moved) for n in self.plan.hot}
+        return {n: frozenset(p for p, src in self.wiring.bindings[n].items() if src in moved) for n in self.plan.hot}
 
     def run_block(self, block: int) -> dict[str, Any]:
         """One block: on-change nodes whose inputs moved, then the hot path. Returns the output's values."""
@@ -325,7 +357,9 @@ class Engine:
             log.error("session ended: %s", exc)
         finally:
             self._block_t0 = None
-            swap.restore_declared(self)  # a session's swaps end with it: the next starts from the graph
+            if self.wiring is not self.plan.wiring:  # a session's swaps end with it
+                self.use_wiring(self.plan.wiring, recapture=swap.hot_changed(self.plan, self.wiring))
+                self.restart_pending = False  # the next session starts from its beginning anyway
             self.reset_nodes()
             self.commands.drain()  # commands for an ended session must not leak into the next
             node_mod._session.stop_event = None
@@ -335,33 +369,20 @@ class Engine:
     # -- background sessions, stop and watchdog ----------------------------------------------------------
     def start_session(self, on_block: Callable[[Block], None], on_end: Callable[[SessionResult], None] | None = None,
                       max_blocks: int | None = None) -> threading.Thread:
-        if self._thread is not None and self._thread.is_alive():
-            raise SessionError("a session is still running (or a node has not stopped yet)")
-        self._stop.clear()
-
         def body():
             res = self.run_session(on_block, max_blocks=max_blocks, stop=self._stop)
             if on_end:
                 on_end(res)
 
-        self._thread = threading.Thread(target=body, name="reactor-graph-session", daemon=True)
-        self._thread.start()
-        return self._thread
+        return self._runner.start(body, "a session is still running (or a node has not stopped yet)")
 
     def stop(self, timeout: float | None = None) -> SessionResult | None:
         """Ask the running session to stop and wait for it. If it does not end in time, the watchdog
         gives up on it and names the node that is stuck; the engine refuses new sessions until it ends."""
-        self._stop.set()
-        t = self._thread
-        if t is None:
-            return None
-        t.join(self.stop_timeout if timeout is None else timeout)
-        if t.is_alive():
-            stuck = self.hot.current or "(between nodes)"
-            raise SessionError(f"watchdog: the session did not stop within "
-                               f"{self.stop_timeout if timeout is None else timeout:.1f}s; node '{stuck}' is "
-                               f"still running and ignores should_stop()")
-        self._thread = None
+        wait = self.stop_timeout if timeout is None else timeout
+        self._runner.stop(wait, lambda t: f"watchdog: the session did not stop within {wait:.1f}s; node "
+                                          f"'{self.hot.current or '(between nodes)'}' is still running and "
+                                          f"ignores should_stop()")
         return None
 
     def block_progress(self) -> tuple[float | None, str | None]:
@@ -373,7 +394,7 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._runner.busy
 
 
 def open_engine(path: str, device: str | None = None, dtype: str | None = None, compile: str | None = None,

@@ -6,7 +6,9 @@ is checked here, and all problems found are reported together.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import networkx as nx
@@ -31,19 +33,38 @@ class Source:
         return f"$slots.{self.name}" if self.node is None else f"{self.node}.{self.name}"
 
 
-@dataclass
+@dataclass(frozen=True)
+class Wiring:
+    """Which node runs under each name, and what feeds each of its inputs. The plan's wiring is the graph as
+    declared; a swap makes a new one for the session (`swapped`), so the plan never changes after load."""
+
+    nodes: Mapping[str, Node]
+    bindings: Mapping[str, Mapping[str, Source]]
+
+    def swapped(self, target: str, node: Node, binds: Mapping[str, Source]) -> Wiring:
+        return Wiring(MappingProxyType({**self.nodes, target: node}),
+                      MappingProxyType({**self.bindings, target: MappingProxyType(dict(binds))}))
+
+
+@dataclass(frozen=True)
 class Plan:
+    """The validated graph: immutable after load (mappings are read-only views)."""
+
     spec: LoadedSpec
     info: GraphInfo
-    nodes: dict[str, Node]
-    bindings: dict[str, dict[str, Source]]
+    nodes: Mapping[str, Node]
+    bindings: Mapping[str, Mapping[str, Source]]
     graph: nx.DiGraph
-    on_change: list[str]
-    hot: list[str]
+    on_change: tuple[str, ...]
+    hot: tuple[str, ...]
     output: str
-    commands: dict[str, Command]
-    alternatives: dict[str, Node] = field(default_factory=dict)
-    alt_bindings: dict[str, dict[str, Source]] = field(default_factory=dict)
+    commands: Mapping[str, Command]
+    alternatives: Mapping[str, Node] = field(default_factory=dict)
+    alt_bindings: Mapping[str, Mapping[str, Source]] = field(default_factory=dict)
+
+    @property
+    def wiring(self) -> Wiring:
+        return Wiring(self.nodes, self.bindings)
 
     @property
     def name(self) -> str:
@@ -111,8 +132,9 @@ def _slot_port(spec: SlotSpec) -> Port:
     return Port(_KIND_OF_SLOT[spec.type], "float" if spec.type == "tensor" else None, shape)
 
 
-def _instantiate(ls: LoadedSpec, section: str, name: str, ns: NodeSpec, info: GraphInfo,
-                 issues: list[Issue]) -> Node | None:
+def instantiate(ls: LoadedSpec, section: str, name: str, ns: NodeSpec, info: GraphInfo,
+                issues: list[Issue]) -> Node | None:
+    """The node a spec describes, or None with what is wrong appended to `issues`."""
     types = registry()
     try:
         cls = resolve_type(ns.type)
@@ -135,8 +157,9 @@ def _instantiate(ls: LoadedSpec, section: str, name: str, ns: NodeSpec, info: Gr
         return None
 
 
-def _bind(ls: LoadedSpec, section: str, name: str, node: Node, ns: NodeSpec, nodes: dict[str, Node],
-          issues: list[Issue]) -> dict[str, Source]:
+def bind(ls: LoadedSpec, section: str, name: str, node: Node, ns: NodeSpec, nodes: Mapping[str, Node],
+         issues: list[Issue]) -> dict[str, Source]:
+    """Each input port of `node` -> its Source; what does not fit is appended to `issues`."""
     ins, _ = node.ports()
     binds: dict[str, Source] = {}
     symbols: dict[str, Any] = {}
@@ -276,7 +299,7 @@ def build_plan(ls: LoadedSpec) -> Plan:
 
     nodes: dict[str, Node] = {}
     for name, ns in spec.nodes.items():
-        node = _instantiate(ls, "nodes", name, ns, info, issues)
+        node = instantiate(ls, "nodes", name, ns, info, issues)
         if node is not None:
             nodes[name] = node
     alts: dict[str, Node] = {}
@@ -284,12 +307,12 @@ def build_plan(ls: LoadedSpec) -> Plan:
         if name in spec.nodes:
             issues.append(ls.issue(("alternatives", name), f"'{name}' is already a node name; pick another"))
             continue
-        node = _instantiate(ls, "alternatives", name, ns, info, issues)
+        node = instantiate(ls, "alternatives", name, ns, info, issues)
         if node is not None:
             alts[name] = node
 
-    bindings = {n: _bind(ls, "nodes", n, nodes[n], spec.nodes[n], nodes, issues) for n in nodes}
-    alt_bindings = {n: _bind(ls, "alternatives", n, alts[n], spec.alternatives[n], nodes, issues) for n in alts}
+    bindings = {n: bind(ls, "nodes", n, nodes[n], spec.nodes[n], nodes, issues) for n in nodes}
+    alt_bindings = {n: bind(ls, "alternatives", n, alts[n], spec.alternatives[n], nodes, issues) for n in alts}
 
     g = nx.DiGraph()
     g.add_nodes_from(nodes)
@@ -319,7 +342,9 @@ def build_plan(ls: LoadedSpec) -> Plan:
         if not node.every_block and not node.is_output and all(s.node is None or s.node in on_change for s in srcs):
             on_change.append(n)
     hot = [n for n in order if n not in on_change]
-    return Plan(ls, info, nodes, bindings, g, on_change, hot, outputs[0], commands, alts, alt_bindings)
+    ro = MappingProxyType
+    return Plan(ls, info, ro(nodes), ro({n: ro(b) for n, b in bindings.items()}), g, tuple(on_change), tuple(hot),
+                outputs[0], ro(commands), ro(alts), ro({n: ro(b) for n, b in alt_bindings.items()}))
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from pydantic import ValidationError
 
 from .errors import GraphError, SessionError
-from .plan import Source, _bind, _instantiate, outputs_mismatch
+from .plan import Plan, Source, Wiring, bind, instantiate, outputs_mismatch
 from .spec import NodeSpec
 
 log = logging.getLogger("reactor_graph")
@@ -44,7 +44,7 @@ def resolve(engine: Engine, target: str, alternative: str) -> tuple[Node, dict[s
     """A declared alternative, or the target's own original node (to swap back)."""
     plan = engine.plan
     if alternative == target:
-        return plan.nodes[target], engine.original_bindings[target]
+        return plan.nodes[target], plan.bindings[target]
     if alternative not in plan.alternatives:
         known = ", ".join(plan.alternatives) or "none declared"
         raise SessionError(f"cannot swap '{target}' for '{alternative}': not a declared alternative ({known}); "
@@ -61,42 +61,33 @@ def build_on_demand(engine: Engine, name: str, spec: dict[str, Any]) -> tuple[No
         e = err.errors()[0]
         raise SessionError(f"node spec for '{name}': {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
     issues: list = []
-    node = _instantiate(ls, "alternatives", name, ns, engine.plan.info, issues)
-    binds = _bind(ls, "alternatives", name, node, ns, engine.plan.nodes, issues) if node else {}
+    node = instantiate(ls, "alternatives", name, ns, engine.plan.info, issues)
+    binds = bind(ls, "alternatives", name, node, ns, engine.plan.nodes, issues) if node else {}
     if issues:
         raise SessionError(str(GraphError(issues, "runtime swap")))
     return node, binds
 
 
-def apply(engine: Engine, target: str, new: Node, binds: dict[str, Source]) -> dict[str, Any]:
-    """At a block boundary: put `new` in place of `target`. Returns the reply for whoever asked."""
-    from .compile import make_executor
+def hot_changed(plan: Plan, wiring: Wiring, other: Wiring | None = None) -> bool:
+    """Whether a hot-path node differs between `wiring` and `other` (default: the plan as declared)."""
+    other = other or plan.wiring
+    return any(wiring.nodes[n] is not other.nodes[n] for n in plan.hot)
 
+
+def apply(engine: Engine, target: str, new: Node, binds: dict[str, Source]) -> dict[str, Any]:
+    """At a block boundary: put `new` in place of `target` for this session. Returns the reply."""
     _check(engine, target, new, binds)
     t0 = time.perf_counter()
-    engine.nodes[target] = new
-    engine.plan.bindings[target] = binds
-    engine.hot._external = None
+    recapture = target in engine.plan.hot and engine.mode != "eager"  # new code on the hot path
+    engine.use_wiring(engine.wiring.swapped(target, new, binds), recapture=recapture)
     engine.forget(target)
     result: dict[str, Any] = {"ok": True, "node": target, "now": new.name, "recaptured": False}
-    if target in engine.plan.hot and engine.mode != "eager":
-        engine.executor = make_executor(engine)  # new code on the hot path: compile and capture it
+    if recapture:
         result.update(recaptured=True, restarted=True)
         engine.restart_pending = True
     result["stall_ms"] = (time.perf_counter() - t0) * 1000
     engine.stats.swaps.append(result)
     return result
-
-
-def restore_declared(engine: Engine) -> None:
-    """Put every swapped node back as the graph declares it (a session's swaps end with the session)."""
-    for target, declared in engine.plan.nodes.items():
-        if engine.nodes[target] is not declared:
-            try:
-                apply(engine, target, declared, engine.original_bindings[target])
-            except Exception:  # noqa: BLE001 - the next session must still start; the log says why
-                log.exception("could not swap '%s' back to the declared node", target)
-    engine.restart_pending = False  # the next session starts from its beginning anyway
 
 
 def request(engine: Engine, target: str, alternative: str | None = None, spec: dict | None = None,

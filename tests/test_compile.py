@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from reactor_graph.compile import CompiledHotPath, phase_keys
+from reactor_graph.compile import CompiledHotPath
 
 
 def frames(engine, blocks=5, change_at=None):
@@ -25,7 +25,7 @@ def test_compile_mode_matches_eager_without_recompiles(tiny_engine):
     ex = engine.executor
     assert isinstance(ex, CompiledHotPath) and ex.prologue == []  # noise takes its seed in prepare()
     assert ex.captured == ["noise", "denoise", "decode", "out"]
-    n_keys = len(phase_keys(engine))
+    n_keys = len(engine.phase_keys())
     assert n_keys == 3 and len(ex.compiles) == 3  # phases 0, 1, 2 of the KV cache: compiled once each
     at_startup = dict(ex.compiles)
     compiled = frames(engine, change_at=1)  # a prompt change mid-session ...
@@ -45,14 +45,14 @@ def test_recompile_is_counted_and_reported(tiny_engine, caplog):
     engine = tiny_engine(compile="compile", compile_backend="aot_eager")
     ex = engine.executor
     # Feed the compiled segment an input of another shape: Dynamo must recompile, and we must say so.
-    key, phases = ex._key(engine.phases(0)), engine.phases(0)
+    key, phases = ex.key_of(engine.phases(0)), engine.phases(0)
     engine.run_on_change()
-    values = ex._run_prologue(engine.external(), phases)
-    inputs = ex._segment_inputs(values)
+    values = ex.run_prologue(engine.external(), phases)
+    inputs = ex.segment_inputs(values)
     cond = next(s for s in inputs if s.node == "cond")
     inputs[cond] = torch.zeros(4, 16)
     with torch.inference_mode():
-        ex.fns[key](inputs)
+        ex.captures[key].fn(inputs)
     assert ex.recompiles == 1 and "recompile" in caplog.text
 
 
@@ -75,14 +75,15 @@ def test_replay_check_names_both_sides(tiny_engine):
     engine = tiny_engine(compile="compile", compile_backend="aot_eager")
     ex = engine.executor
     phases = engine.phases(0)
-    key = ex._key(phases)
+    key = ex.key_of(phases)
     engine.run_on_change()
-    inputs = ex._segment_inputs(ex._run_prologue(engine.external(), phases))
-    ex.static_in[key] = {s: v.clone() for s, v in inputs.items()}  # as capture records them
+    inputs = ex.segment_inputs(ex.run_prologue(engine.external(), phases))
+    record = ex.captures[key]
+    record.static_in = {s: v.clone() for s, v in inputs.items()}  # as capture records them
     cond = next(s for s in inputs if s.node == "cond")
-    ex._check(key, inputs)  # same shapes and dtypes: fine
+    ex.check(record, inputs)  # same shapes and dtypes: fine
     inputs[cond] = inputs[cond].to(torch.float64)
     with pytest.raises(CaptureError) as info:
-        ex._check(key, inputs)
+        ex.check(record, inputs)
     msg = str(info.value)
     assert "input 'cond.embeds' was captured as float32[8, 16] on cpu but is now float64[8, 16] on cpu" in msg

@@ -23,8 +23,8 @@ def only(err: GraphError):
 
 def test_demo_and_tiny_graphs_plan(tiny_yaml):
     plan = build_plan(load_spec("g.yaml", text=tiny_yaml))
-    assert plan.on_change == ["cond"]
-    assert plan.hot == ["noise", "denoise", "decode", "out"]
+    assert list(plan.on_change) == ["cond"]
+    assert list(plan.hot) == ["noise", "denoise", "decode", "out"]
     assert plan.output == "out"
     from reactor_graph.cli import demo_path
 

@@ -47,6 +47,7 @@ from pydantic import BaseModel
 from ..emit import Block, HostCopier
 from ..errors import CommandError, SessionError
 from ..loop import SessionResult, Stats
+from ..session_thread import SessionThread
 from ..slots import RESET, Command
 from ..spec import CommandSpec, near
 from .api import ModelCommand, SessionContext, bound, commands_of
@@ -56,6 +57,7 @@ log = logging.getLogger("reactor_graph.compat")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 FORMATS = ("yuv420p", "nv12", "rgb24")
 _SYNC = "\0sync"  # an internal ticket: answered once every command before it has run
+WORKER_IDLE_S = 0.5  # the command thread ends after this long with nothing to run
 
 
 @dataclass
@@ -181,10 +183,10 @@ class ModelHost:
         self.driver = driver
         self.commands = CommandTable(commands if commands is not None else commands_of(type(model)))
         self._lock = threading.RLock()
-        self._thread: threading.Thread | None = None
+        self._runner = SessionThread("reactor-model-session")
         self._ctx: SessionContext | None = None
         self._run: _Run | None = None
-        self._stopping = threading.Event()
+        self._stopping = self._runner.stop_event
         self._restart = False
         self._restarted = threading.Event()
         self._in_before = False  # the session thread waits in run_session's before_block for commands to run
@@ -203,7 +205,7 @@ class ModelHost:
 
     @property
     def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._runner.busy
 
     def command_schemas(self) -> list[dict]:
         return self.commands.schemas()
@@ -213,19 +215,27 @@ class ModelHost:
         """Validate now (CommandError naming the field; nothing ran) and run the method in the command thread."""
         ticket = self.commands.validate(name, params)
         ticket.reply = reply
+        self._queue.put(ticket)  # first: an idle worker ends only once it sees the queue empty
         self._ensure_worker()
-        self._queue.put(ticket)
         return ticket
 
     def _ensure_worker(self) -> None:
         with self._lock:
-            if self._worker is None or not self._worker.is_alive():
+            if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="reactor-model-commands", daemon=True)
                 self._worker.start()
 
     def _work(self) -> None:
+        """Runs the queued commands, then ends once the queue stays empty: no thread idles for ever."""
         while True:
-            t = self._queue.get()
+            try:
+                t = self._queue.get(timeout=WORKER_IDLE_S)
+            except queue.Empty:
+                with self._lock:  # submit() puts first, then looks for a worker under this lock
+                    if self._queue.empty():
+                        self._worker = None
+                        return
+                continue
             if t.name == _SYNC:
                 t.finish({"ok": True})
                 continue
@@ -244,7 +254,7 @@ class ModelHost:
 
     def _reset(self) -> dict:
         with self._lock:
-            ctx, thread = self._ctx, self._thread
+            ctx, thread = self._ctx, self._runner.thread
             if ctx is None or thread is None or not thread.is_alive():
                 return {"ok": True}  # no session: the next one starts fresh anyway
             self._restarted.clear()
@@ -263,15 +273,10 @@ class ModelHost:
                       max_blocks: int | None = None, *, before_block: Callable[[int], None] | None = None
                       ) -> threading.Thread:
         with self._lock:
-            if self.busy:
-                raise SessionError(f"a session is still running ({type(self.model).__name__}.start_session() has "
-                                   f"not returned)")
-            self._stopping.clear()
             run = _Run(on_block, max_blocks, before_block)
-            self._thread = threading.Thread(target=self._session, args=(run, on_end), name="reactor-model-session",
-                                            daemon=True)
-            self._thread.start()
-        return self._thread
+            return self._runner.start(lambda: self._session(run, on_end),
+                                      f"a session is still running ({type(self.model).__name__}.start_session() "
+                                      f"has not returned)")
 
     def run_session(self, on_block: Callable[[Block], None], max_blocks: int | None = None,
                     stop: threading.Event | None = None, before_block: Callable[[int], None] | None = None,
@@ -296,8 +301,8 @@ class ModelHost:
     def sync(self, timeout: float | None = None) -> bool:
         """Wait until every command submitted so far has run. False if that took longer than `timeout`."""
         ticket = Ticket(_SYNC, None, None)
+        self._queue.put(ticket)  # first: an idle worker ends only once it sees the queue empty
         self._ensure_worker()
-        self._queue.put(ticket)
         return ticket.done.wait(timeout)
 
     def _session(self, run: _Run, on_end) -> None:
@@ -433,19 +438,11 @@ class ModelHost:
         wait = self.stop_timeout if timeout is None else timeout
         with self._lock:
             self._stopping.set()
-            ctx, t = self._ctx, self._thread
-            if ctx is not None:
-                ctx.stop()
-        if t is None:
-            return None
-        t.join(wait)
-        if t.is_alive():
-            raise SessionError(f"watchdog: {type(self.model).__name__}.start_session() did not return within "
-                               f"{wait:.1f}s of being asked to stop; it is at {where_running(t)} and does not check "
-                               f"get_ctx().should_stop() there")
-        with self._lock:
-            if self._thread is t:
-                self._thread = None
+            if self._ctx is not None:
+                self._ctx.stop()
+        self._runner.stop(wait, lambda t: f"watchdog: {type(self.model).__name__}.start_session() did not return "
+                                          f"within {wait:.1f}s of being asked to stop; it is at {where_running(t)} "
+                                          f"and does not check get_ctx().should_stop() there")
         return None
 
     def __repr__(self) -> str:

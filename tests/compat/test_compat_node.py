@@ -58,7 +58,7 @@ def test_model_node_streams_through_the_engine(write_graph):
     assert res.ok and res.blocks == 4
     assert blocks[0].video().shape == (2, 16, 16, 3)  # the model's 3-frame blocks regrouped into 2
     assert tuple(blocks[-1].rgb()[0, 0, 0]) == colour_of("a red circle")
-    assert node._thread is None and node.model.sessions == 1  # the engine's reset ended the model's session
+    assert not node._runner.busy and node._ctx is None and node.model.sessions == 1  # the engine's reset ended the model's session
 
 
 def test_slot_bound_input_calls_the_model_command(write_graph):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from reactor_graph.compile import CompiledHotPath, phase_keys
+from reactor_graph.compile import CompiledHotPath
 from reactor_graph.errors import GraphError, NodeError
 from reactor_graph.loop import Engine
 from reactor_graph.plan import build_plan, load_plan
@@ -42,13 +42,13 @@ def run(engine: Engine, blocks: int, change_at: int | None = None) -> list[np.nd
 
 def test_shipped_graphs_validate_with_bounded_phases():
     sf = load_plan(GRAPHS / "self_forcing.yaml")
-    assert sf.on_change == ["text"] and sf.hot == ["noise", "dit", "decode", "out"]
+    assert list(sf.on_change) == ["text"] and list(sf.hot) == ["noise", "dit", "decode", "out"]
     assert sf.nodes["dit"].num_phases() == 8 and sf.nodes["decode"].num_phases() == 2
-    assert len(phase_keys(Engine(sf, device="cpu"))) == 8  # 7 filling blocks + 1 rolling: 8 captured graphs
+    assert len(Engine(sf, device="cpu").phase_keys()) == 8  # 7 filling blocks + 1 rolling: 8 captured graphs
     ll = load_plan(GRAPHS / "longlive.yaml")  # 4 filling + rolling, and 4 re-cache twins (recache: true)
-    assert ll.nodes["dit"].num_phases() == 9 and len(phase_keys(Engine(ll, device="cpu"))) == 9
+    assert ll.nodes["dit"].num_phases() == 9 and len(Engine(ll, device="cpu").phase_keys()) == 9
     tiny = load_plan(GRAPHS / "wan_tiny.yaml")
-    assert len(phase_keys(Engine(tiny, device="cpu"))) == 4
+    assert len(Engine(tiny, device="cpu").phase_keys()) == 4
 
 
 def test_shape_mismatch_between_size_and_latents_is_reported(write_graph):

@@ -8,6 +8,7 @@ import threading
 from typing import Any, Callable, Protocol
 
 from .emit import Block
+from .errors import SessionError
 
 
 class StreamHost(Protocol):
@@ -16,9 +17,8 @@ class StreamHost(Protocol):
     fps: float
     height: int
     width: int
-    stats: Any  # has .sessions .blocks .frames .errors .last_block_s
-    # Optional: a host whose model talks to the client (Reactor's get_ctx().send) has `on_message`, a
-    # settable callback(data) that the server points at the client in session.
+    stats: Any  # has .sessions .blocks .frames .errors .last_block_s .slowest_block_s
+    on_message: Callable[[Any], None] | None  # the server points it at the client in session
 
     @property
     def busy(self) -> bool: ...
@@ -36,3 +36,31 @@ class StreamHost(Protocol):
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the running session and wait; raises SessionError when the watchdog gives up."""
+
+    # What a host may offer beyond streaming; HostFeatures gives the answers of a host that offers none.
+    def alternatives(self) -> list[dict]:
+        """Declared swap alternatives: [{name, type, targets}]."""
+
+    def request_swap(self, target: str, alternative: str | None = None, spec: dict | None = None,
+                     reply: Callable[[dict], None] | None = None) -> None:
+        """Swap a node at the next block boundary; raises SessionError if it does not fit."""
+
+    def block_progress(self) -> tuple[float | None, str | None]:
+        """(seconds the current block has run, what is running) while a block runs, else (None, None)."""
+
+
+class HostFeatures:
+    """The optional part of StreamHost for a host that offers none of it: no swaps, no block clock (a
+    Reactor model's own loop may wait for its client for as long as it likes), no model messages."""
+
+    on_message: Callable[[Any], None] | None = None
+
+    def alternatives(self) -> list[dict]:
+        return []
+
+    def request_swap(self, target: str, alternative: str | None = None, spec: dict | None = None,
+                     reply: Callable[[dict], None] | None = None) -> None:
+        raise SessionError("this model cannot swap nodes")
+
+    def block_progress(self) -> tuple[float | None, str | None]:
+        return None, None

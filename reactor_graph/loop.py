@@ -21,6 +21,7 @@ from .compile import CompiledHotPath, build_executor, phase_keys
 from .devices import resolve_device, resolve_dtype
 from .emit import Block, HostCopier
 from .errors import NodeError, ReactorGraphError, SessionError
+from .host import HostFeatures
 from .hot_path import HotPath, run_node
 from .plan import Plan, Source, Wiring
 from .session_thread import SessionThread
@@ -55,7 +56,7 @@ class Stats:
     swaps: list[dict] = field(default_factory=list)  # each swap's reply: node, now, stall_ms, recaptured
 
 
-class Engine:
+class Engine(HostFeatures):
     def __init__(self, plan: Plan, device: str | None = None, dtype: str | None = None, compile: str | None = None,
                  compile_backend: str = "inductor"):
         spec = plan.spec.spec

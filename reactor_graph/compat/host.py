@@ -46,6 +46,7 @@ from pydantic import BaseModel
 
 from ..emit import Block, HostCopier
 from ..errors import CommandError, SessionError
+from ..host import HostFeatures
 from ..loop import SessionResult, Stats
 from ..session_thread import SessionThread
 from ..slots import RESET, Command
@@ -156,7 +157,7 @@ class _Run:
         return self.max_blocks is not None and self.result.blocks >= self.max_blocks
 
 
-class ModelHost:
+class ModelHost(HostFeatures):
     """A loaded VideoModel instance, served one session at a time (reactor_graph.host.StreamHost)."""
 
     def __init__(self, model: Any, *, name: str | None = None, version: str = "0.1.0", fps: float | None = None,

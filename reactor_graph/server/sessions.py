@@ -1,4 +1,4 @@
-"""Clients, the line for the model, and sessions.
+"""The line for the model, and sessions (negotiation.py answers offers, dispatch.py handles messages).
 
 The model is loaded once; one client at a time is *in session* (its video track receives the engine's
 blocks, its commands reach the engine), the others wait in line and are told their position on the data
@@ -18,82 +18,23 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection
 
-from ..errors import CommandError, ReactorGraphError, SessionError
+from ..errors import SessionError
+from . import negotiation
 from . import protocol as P
 from . import rtc_guards
+from .clients import Client, Settings
+from .dispatch import Dispatcher
 from .metrics import Metrics
-from .tracks import POLICIES, BlockVideoTrack
+from .negotiation import close_pc, discard, flush
+from .tracks import BlockVideoTrack
+
+__all__ = ["Client", "SessionManager", "Settings"]
 
 log = logging.getLogger("reactor_graph.server")
-
-
-@dataclass
-class Settings:
-    policy: str = "lossless"  # frame queue: lossless (the engine waits for the stream) | latest (drop oldest)
-    queue_frames: int = 8  # frame queue capacity (0.5 s at 16 fps)
-    ping_timeout: float = 8.0  # no message for this long: the client is gone (the SDK pings every 5 s)
-    connect_timeout: float = 15.0  # offer answered but no connection + open data channel after this long
-    offer_timeout: float = 5.0  # start_session but no SDP offer after this long: the place is lost
-    max_pending_per_address: int = 4  # clients of one address not connected yet (a flood holds no more)
-    max_session_seconds: float | None = None  # a session ends after this long; the next in line gets in
-    block_timeout: float | None = None  # a block running longer ends the session (None: derived, see below)
-    stuck_exit_seconds: float = 30.0  # a stuck engine thread that has not come back after this: give up
-    advertise_address: str | None = None  # host candidates carry this address (NAT, containers)
-    stop_timeout: float = 5.0  # the engine's watchdog, when a session is stopped
-    max_message: int = 64 * 1024  # bytes per data-channel message
-    rate: float = 30.0  # messages a second per client, on average ...
-    burst: float = 60.0  # ... with bursts up to this many
-    max_clients: int = 32  # in session + waiting + about to connect
-    stats_interval: float = 1.0  # seconds between stats/queue messages
-    ice_servers: list = field(default_factory=list)  # [{"uris": [...], "credentials"?: {...}}] for clients
-
-    def __post_init__(self):
-        if self.block_timeout is not None and self.block_timeout <= 0:
-            raise ValueError(f"block_timeout must be > 0 seconds, got {self.block_timeout}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-
-
-@dataclass(eq=False)
-class Client:
-    id: str
-    remote: str = ""
-    created: float = field(default_factory=time.monotonic)
-    state: str = "new"  # new (no offer yet) | waiting | active | ended
-    pc: RTCPeerConnection | None = None
-    channel: Any = None
-    track: BlockVideoTrack | None = None
-    answer: str | None = None
-    offered: float | None = None  # when the latest offer was answered
-    connected: bool = False
-    last_seen: float = field(default_factory=time.monotonic)
-    bucket: P.TokenBucket | None = None
-    limited: bool = False  # a rate-limit error was sent for the current flood
-    tasks: list = field(default_factory=list)
-    end_reason: str | None = None
-    started: float | None = None  # when its session began
-    # stats message
-    last_sent: int = 0
-    last_stats: float = field(default_factory=time.monotonic)
-
-    @property
-    def ready(self) -> bool:
-        return self.channel is not None and self.channel.readyState == "open"
-
-    def send(self, text: str) -> bool:
-        ch = self.channel
-        if ch is None or ch.readyState != "open":
-            return False
-        try:
-            ch.send(text)
-            return True
-        except Exception:  # noqa: BLE001 - a channel closing under us must not break the caller
-            return False
 
 
 class SessionManager:
@@ -116,18 +57,19 @@ class SessionManager:
         self._ticker: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()  # ends started from transport events
         self._commands = P.sdk_commands(host.command_schemas())
+        self.dispatch = Dispatcher(host, self.settings, self.metrics, self._commands, self.position)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.dispatch.bind_loop(self._loop)
         self._ticker = asyncio.create_task(self._tick())
-        if hasattr(self.host, "on_message"):  # a host whose model sends its own messages (get_ctx().send)
-            self.host.on_message = self._from_model
+        self.host.on_message = self._from_model  # a model may send its own messages (get_ctx().send)
 
     async def close(self) -> None:
         """Shutdown: end every client (stopping the engine's session), close every peer connection."""
         self.closing = True
-        if getattr(self.host, "on_message", None) == self._from_model:
+        if self.host.on_message == self._from_model:
             self.host.on_message = None
         if self._ticker:
             self._ticker.cancel()
@@ -192,42 +134,16 @@ class SessionManager:
         if old_pc is not None:  # a reconnect: the old connection's events no longer count
             for sender in old_pc.getSenders():
                 sender.replaceTrack(None)  # or its sender would stop our track (and its clock) on the way out
-            await _close_pc(old_pc)
+            await close_pc(old_pc)
         self._wire(client, pc)
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-            by_mid = {t.mid: t for t in pc.getTransceivers()}
-            attached = False
-            for entry in mapping:
-                t = by_mid.get(entry.mid)
-                if t is None:
-                    raise P.OfferError(f"track_mapping names mid {entry.mid[:40]!r}, which the offer does not "
-                                       f"have")
-                if entry.direction == "recvonly" and entry.kind == "video" and not attached:
-                    t.sender.replaceTrack(track)
-                    t.direction = "sendonly"
-                    attached = True
-            if not attached and not mapping:  # a client without a mapping: the first video it receives
-                for t in pc.getTransceivers():
-                    if t.kind == "video" and getattr(t, "_offerDirection", "recvonly") in ("recvonly", "sendrecv"):
-                        t.sender.replaceTrack(track)
-                        t.direction = "sendonly"
-                        attached = True
-                        break
-            if not attached:
-                raise P.OfferError("the offer has no video transceiver for the client to receive "
-                                   f"'{P.MAIN_TRACK}' on (a recvonly video entry in track_mapping)")
-            await pc.setLocalDescription(await pc.createAnswer())
-        except Exception as exc:
+            answer = await negotiation.answer(pc, sdp, mapping, track)
+        except P.OfferError:
             if client.pc is pc:  # first, so that closing it does not count as the client leaving
                 client.pc = None
-            await _close_pc(pc)
-            if isinstance(exc, P.OfferError):
-                raise
-            log.info("could not answer an offer from %s: %s: %s", client.id, type(exc).__name__, exc)
-            raise P.OfferError("could not answer the SDP offer: expected an offer from a WebRTC client with a "
-                               "video transceiver and a data channel named 'data'") from None
-        client.answer = rtc_guards.advertise(pc.localDescription.sdp, self.settings.advertise_address)
+            await close_pc(pc)
+            raise
+        client.answer = rtc_guards.advertise(answer, self.settings.advertise_address)
         client.offered = time.monotonic()
         client.last_seen = time.monotonic()
         if client.state == "new":
@@ -259,7 +175,7 @@ class SessionManager:
             @channel.on("message")
             def on_message(raw):
                 try:
-                    self.handle(client, raw)
+                    self.dispatch.handle(client, raw)
                 except Exception:  # noqa: BLE001 - nothing a client sends may break the channel
                     log.exception("handling a message from %s failed", client.id)
                     self.metrics.inc("messages_rejected_total", code="internal")
@@ -274,7 +190,7 @@ class SessionManager:
 
         @pc.on("track")
         def on_track(remote):  # a track the client publishes (a webcam): read and discard it
-            client.tasks.append(asyncio.ensure_future(_discard(remote)))
+            client.tasks.append(asyncio.ensure_future(discard(remote)))
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -292,6 +208,10 @@ class SessionManager:
     def _started_message(self, client: Client) -> str:
         return P.runtime(P.SESSION_STARTED, {"session_id": client.id, "fps": float(self.host.fps),
                                              "width": self.host.width, "height": self.host.height})
+
+    def position(self, client: Client) -> int | None:
+        """1-based place in line, or None for a client not waiting."""
+        return self.waiting.index(client) + 1 if client in self.waiting else None
 
     def _send_position(self, client: Client) -> None:
         if client in self.waiting:
@@ -378,9 +298,9 @@ class SessionManager:
                 log.error("%s", exc)
             except Exception:  # noqa: BLE001
                 log.exception("stopping the session failed")
-        await _flush(client.channel, 0.3)
+        await flush(client.channel, 0.3)
         if client.pc is not None:
-            await _close_pc(client.pc)
+            await close_pc(client.pc)
         if client.track is not None:
             self.metrics.retire(client.track.counters())
             client.track.stop()
@@ -411,120 +331,6 @@ class SessionManager:
             log.warning("a model message is not JSON; dropped")
             return
         c.send(text)
-
-    # -- data channel -----------------------------------------------------------------------------------------
-    def handle(self, client: Client, raw: Any) -> None:
-        client.last_seen = time.monotonic()
-        if client.state == "ended":
-            return
-        if not client.bucket.take():
-            self.metrics.inc("messages_rejected_total", code="rate_limited")
-            if not client.limited:
-                client.limited = True
-                client.send(P.error_message("rate_limited", f"more than {self.settings.rate:g} messages a "
-                                            f"second; messages are dropped until the rate falls"))
-            return
-        if client.limited and client.bucket.tokens >= client.bucket.burst / 2:
-            client.limited = False  # the flood is over: a later one gets its own error
-        if isinstance(raw, rtc_guards.InvalidText):
-            self.metrics.inc("messages_rejected_total", code="bad_utf8")
-            client.send(P.error_message("bad_utf8", f"a text frame of {raw.size} bytes is not valid UTF-8; send "
-                                        "JSON text"))
-            return
-        try:
-            env = P.parse_envelope(raw, self.settings.max_message)
-        except P.ProtocolError as exc:
-            self.metrics.inc("messages_rejected_total", code=exc.code)
-            client.send(P.error_message(exc.code, exc.message))
-            return
-        if env.scope == P.RUNTIME:
-            self._runtime(client, env)
-        else:
-            self._command(client, env)
-
-    def _runtime(self, client: Client, env: P.Envelope) -> None:
-        if env.type == P.PING:
-            return
-        if env.type == P.REQUEST_CAPABILITIES:
-            caps: dict[str, Any] = {"commands": self._commands}
-            if hasattr(self.host, "alternatives"):
-                caps["alternatives"] = self.host.alternatives()
-            client.send(P.runtime(P.MODEL_CAPABILITIES, caps))
-        elif env.type == P.SWAP_NODE:
-            self._swap(client, env.data)
-        elif env.type == P.FILE_UPLOADED:
-            self.metrics.inc("messages_rejected_total", code="unsupported")
-            client.send(P.error_message("unsupported", "file uploads are not supported by this server"))
-        else:
-            self.metrics.inc("messages_rejected_total", code="unknown_runtime")
-            client.send(P.error_message("unknown_runtime", f"unknown runtime message {env.type[:60]!r}; known: "
-                                        f"{P.PING}, {P.REQUEST_CAPABILITIES}, {P.SWAP_NODE}"))
-
-    def _swap(self, client: Client, data: Any) -> None:
-        """Hot-swap a node for the client in session; the result (with the measured stall) comes back as
-        a runtime `swapResult` once the swap lands at a block boundary, or at once if it is refused."""
-        node = data.get("node") if isinstance(data, dict) else None
-        if not isinstance(node, str):
-            client.send(P.error_message("bad_envelope", 'swapNode takes {"node": str, "alternative": str}'))
-            return
-        node = node[:100]
-        extra = sorted(set(data) - {"node", "alternative"})
-        if extra:  # a spec, params or weights path would let a client choose code and files on this machine
-            known = ", ".join(a["name"] for a in getattr(self.host, "alternatives", list)()) or "none declared"
-            client.send(P.runtime(P.SWAP_RESULT, {
-                "node": node, "ok": False,
-                "error": f"swapNode takes only 'node' and 'alternative' (a name the graph declares: {known}); "
-                         f"got {', '.join(map(str, extra))[:100]}"}))
-            return
-        if client.state != "active":
-            client.send(P.runtime(P.SWAP_RESULT, {"node": node, "ok": False, "error": "not in session"}))
-            return
-        if not hasattr(self.host, "request_swap"):
-            client.send(P.error_message("unsupported", "this model cannot swap nodes"))
-            return
-        loop = self._loop
-
-        def reply(result: dict) -> None:  # the engine's thread
-            if loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(client.send, P.runtime(P.SWAP_RESULT, {"node": node, **result}))
-
-        alternative = data.get("alternative")
-        if not isinstance(alternative, (str, type(None))):
-            client.send(P.runtime(P.SWAP_RESULT, {"node": node, "ok": False,
-                                                  "error": "'alternative' is the name of a declared alternative"}))
-            return
-        try:
-            self.host.request_swap(node, alternative, None, reply)
-        except ReactorGraphError as exc:
-            client.send(P.runtime(P.SWAP_RESULT, {"node": node, "ok": False, "error": str(exc)}))
-
-    def _command(self, client: Client, env: P.Envelope) -> None:
-        name = env.type[:100]
-        if client.state != "active":
-            pos = self.waiting.index(client) + 1 if client in self.waiting else None
-            self.metrics.inc("commands_total", result="not_in_session")
-            client.send(P.command_result(name, False, f"not in session yet (position {pos} in line)"
-                                         if pos else "not in session", None, "not_in_session"))
-            return
-        loop = self._loop
-
-        def reply(result: dict) -> None:  # the engine's thread, at the block boundary that applied it
-            ok = bool(result.get("ok"))
-            text = P.command_result(name, True) if ok else P.command_result(name, False, str(result.get("error")))
-            self.metrics.inc("commands_total", result="applied" if ok else "failed")
-            if loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(client.send, text)
-
-        try:
-            self.host.submit(env.type, env.data, reply)
-        except CommandError as exc:
-            self.metrics.inc("commands_total", result="rejected")
-            client.send(P.command_result(name, False, str(exc), exc.field, exc.reason))
-        except Exception:  # noqa: BLE001 - a host bug must not take the channel down
-            log.exception("submit(%r) failed", name)
-            self.metrics.inc("commands_total", result="rejected")
-            client.send(P.command_result(name, False, "the server could not handle this command (its log says "
-                                         "why)", None, "internal error"))
 
     # -- housekeeping ---------------------------------------------------------------------------------------
     async def _tick(self) -> None:
@@ -561,7 +367,7 @@ class SessionManager:
         warm-up included), never under 30 s."""
         if self.settings.block_timeout is not None:
             return self.settings.block_timeout
-        slowest = float(getattr(self.host.stats, "slowest_block_s", 0.0) or 0.0)
+        slowest = float(self.host.stats.slowest_block_s)
         return max(30.0, 20.0 * slowest)
 
     async def _watch_session(self, now: float) -> None:
@@ -581,8 +387,7 @@ class SessionManager:
         if limit is not None and c.started is not None and now - c.started > limit:
             await self.end(c, f"session time limit ({limit:g}s) reached")
             return
-        progress = getattr(self.host, "block_progress", None)
-        elapsed, where = progress() if progress else (None, None)
+        elapsed, where = self.host.block_progress()
         timeout = self.block_timeout()
         if elapsed is not None and elapsed > timeout:
             reason = f"block timeout: node '{where}' ran for {elapsed:.1f}s (limit {timeout:.1f}s)"
@@ -622,28 +427,3 @@ def _reason_label(reason: str) -> str:
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("background task failed", exc_info=task.exception())
-
-
-async def _discard(track) -> None:
-    try:
-        while True:
-            await track.recv()
-    except Exception:  # noqa: BLE001 - MediaStreamError when it ends, CancelledError at close
-        return
-
-
-async def _flush(channel, timeout: float) -> None:
-    """Give queued data-channel messages (e.g. sessionEnded) a moment to leave before closing."""
-    if channel is None or channel.readyState != "open":
-        return
-    end = time.monotonic() + timeout
-    await asyncio.sleep(0.02)
-    while getattr(channel, "bufferedAmount", 0) > 0 and time.monotonic() < end:
-        await asyncio.sleep(0.02)
-
-
-async def _close_pc(pc: RTCPeerConnection) -> None:
-    try:
-        await asyncio.wait_for(pc.close(), 5.0)
-    except Exception:  # noqa: BLE001 - closing is best effort; never hang shutdown on it
-        log.debug("closing a peer connection failed", exc_info=True)

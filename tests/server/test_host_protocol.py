@@ -9,10 +9,11 @@ import numpy as np
 import torch
 
 from reactor_graph.emit import Block
+from reactor_graph.host import HostFeatures
 from reactor_graph.errors import CommandError, SessionError
 
 
-class FakeHost:
+class FakeHost(HostFeatures):
     name = "fake"
     version = "9.9"
     fps = 20.0
@@ -21,7 +22,7 @@ class FakeHost:
 
     def __init__(self, block_s=0.05, frames=2, fail_at=None, stubborn_s=0.0):
         self.block_s, self.frames, self.fail_at, self.stubborn_s = block_s, frames, fail_at, stubborn_s
-        self.stats = SimpleNamespace(sessions=0, blocks=0, frames=0, errors=0, last_block_s=0.0)
+        self.stats = SimpleNamespace(sessions=0, blocks=0, frames=0, errors=0, last_block_s=0.0, slowest_block_s=0.0)
         self.level = 0
         self._pending = []
         self._lock = threading.Lock()

@@ -38,13 +38,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from reactor_graph.compat import api as compat_api
 from reactor_graph.compat.frames import FrameError, to_float, to_uint8
 from reactor_graph.compat.host import where_raised, where_running
 from reactor_graph.compat.manifest import ModelLoadError, init_problems, instantiate, load_class
-from reactor_graph.errors import SessionError
+from reactor_graph.errors import CommandError, SessionError
+from reactor_graph.slots import Command
+from reactor_graph.spec import CommandSpec
 from reactor_graph.node import Node, Port, register
 from reactor_graph.session_thread import SessionThread
 
@@ -214,11 +216,10 @@ class ReactorModel(Node):
         if name not in self._cmds:
             return {"ok": False, "error": f"unknown command '{name}'; known: {', '.join(sorted(self._cmds))}"}
         cmd = self._cmds[name]
-        try:
-            validated = cmd.params_model.model_validate(params or {})
-        except ValidationError as err:
-            e = err.errors()[0]
-            return {"ok": False, "error": f"command '{name}.{'.'.join(map(str, e['loc']))}': {e['msg']}"}
+        try:  # the same validation as every command a client sends
+            validated = Command(name, CommandSpec(description=cmd.description), cmd.params_model).validate(params)
+        except CommandError as exc:
+            return {"ok": False, "error": str(exc)}
         try:
             with compat_api.bound(self._ctx):
                 cmd.call(self.model, validated)

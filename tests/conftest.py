@@ -155,3 +155,17 @@ alternatives:
 
 
 Paint.GRAPH = SWAP_GRAPH
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No thread of the project outlives the suite: every session, command worker and model thread is
+    joined by whoever started it (a short grace for threads that are ending)."""
+    deadline = time.monotonic() + 3.0
+    while True:
+        ours = [t.name for t in threading.enumerate() if t.name.startswith("reactor-") and t.is_alive()]
+        if not ours or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if ours:
+        print(f"\nthreads of the project still alive after the suite: {', '.join(sorted(ours))}")
+        session.exitstatus = 1

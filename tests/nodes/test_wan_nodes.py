@@ -85,6 +85,7 @@ def test_tiny_graph_streams_with_first_block_shorter(write_graph, decoder):
         assert np.array_equal(again[0], blocks[0]) and np.array_equal(again[1], blocks[1])
 
 
+@pytest.mark.slow  # compiles the tiny DiT's regions and whole hot path
 def test_compiled_equals_eager_without_recompiles_across_a_prompt_change(write_graph):
     # phases: 2 filling + rolling; the roll keeps 1 sink frame and moves 2 (a chunk shorter than a block)
     old, new = "max_frames: 9,\n             sink_frames: 3", "max_frames: 6,\n             sink_frames: 1"
@@ -113,6 +114,7 @@ def _log_recaches(engine) -> list[bool]:
     return log
 
 
+@pytest.mark.slow  # compiles the tiny DiT's regions and whole hot path
 def test_prompt_switch_recache_runs_once_in_its_block_compiled_as_eager(write_graph):
     path = write_graph(tiny_text(**{"rolling: true": "rolling: true, recache: true"}))
     plan = load_plan(path)

@@ -86,6 +86,7 @@ class CompiledHotPath:
         self.replays = 0
         self.times: dict[str, float] = {"compile_s": 0.0, "capture_s": 0.0}
         self.pool = torch.cuda.graph_pool_handle() if mode == "cudagraph" else None
+        self.compile_regions()
 
     # read-only views of the records, per phase key
     @property
@@ -101,22 +102,38 @@ class CompiledHotPath:
         return {k: c.graph for k, c in self.captures.items() if c.graph is not None}
 
     # -- the one place torch.compile is applied -------------------------------------------------------
-    def _compile(self, record: Capture, seg: Segment) -> Callable:
+    def _torch_compile(self, fn: Callable, counted: Callable[[], None]) -> Callable:
         if self.backend == "none":
-            return seg
+            return fn
         from torch._dynamo.backends.registry import lookup_backend
 
         inner = lookup_backend(self.backend)
 
         def counting_backend(gm, example_inputs):
+            counted()
+            return inner(gm, example_inputs)
+
+        return torch.compile(fn, backend=counting_backend, dynamic=False)
+
+    def _compile(self, record: Capture, seg: Segment) -> Callable:
+        def counted():
             record.compiles += 1
             if record.state != "new":  # past warm-up: this is a recompile
                 self.recompiles += 1
                 log.warning("recompile of the hot path in phase %s (graph %d); inputs changed shape or type",
                             record.key, record.compiles)
-            return inner(gm, example_inputs)
 
-        return torch.compile(seg, backend=counting_backend, dynamic=False)
+        return self._torch_compile(seg, counted)
+
+    def compile_regions(self) -> None:
+        """Each hot node's repeated pieces (Node.compile_regions), through the same compile function."""
+        for name in self.hot.order:
+            node = self.hot.nodes[name]
+
+            def counted(node=node):
+                node.region_compiles += 1
+
+            node.compile_regions(lambda fn, counted=counted: self._torch_compile(fn, counted))
 
     def key_of(self, phases: dict[str, int]) -> tuple:
         return tuple(phases.get(n, 0) for n in self.captured)

@@ -8,7 +8,7 @@ import importlib
 import pkgutil
 import threading
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -131,6 +131,14 @@ class Node:
     @classmethod
     def splits_host_inputs(cls) -> bool:
         return cls.prepare is not Node.prepare
+
+    def compile_regions(self, compile: Callable[[Callable], Callable]) -> None:
+        """Compiled modes call this once, before warm-up, with the engine's compile function (the one place
+        torch.compile is applied; it counts into `region_compiles`). A node built of repeated layers compiles
+        its repeated pieces here, once for all layers, and keeps the engine's trace out of them (regional
+        compilation); by default the engine traces the node with the rest of the hot path."""
+
+    region_compiles: int = 0  # compilations of this node's regions, counted by the engine
 
     def should_stop(self) -> bool:
         return should_stop()

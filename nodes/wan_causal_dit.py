@@ -38,13 +38,14 @@ Compilation
     `compile: regional` (default). The engine compiles (torch.compile) and CUDA-graph captures whole hot paths;
     traced whole, this node is 5 passes x 30 layers unrolled per phase, and every phase (8) is traced again:
     many minutes of inductor time at the 1.3B size. So, when the engine traces it, the node hides its body from
-    the engine's trace (`torch.compiler.disable`: one graph break) and compiles its repeated pieces itself,
+    the engine's trace (`torch.compiler.disable`: one graph break) and has its repeated pieces compiled,
     once each: a layer's pre-attention (`WanBlock.qkv`) and post-attention (`WanBlock.finish`) parts, and the
     RoPE re-rotation of the rolling cache. Their shapes do not depend on the phase (attention, whose key length
     does, runs between them as one SDPA call), so they compile once for all 30 layers and all phases. The
     engine's CUDA graph then captures the whole block as usual. `region_compiles` counts those compilations.
     `compile: whole` lets the engine trace the node like any other (fine for the tiny config).
-    `compile_backend`: the backend of the regional compiles (default inductor on CUDA, aot_eager elsewhere).
+    The engine compiles the pieces (`compile_regions`, its one torch.compile) with its own backend;
+    `compile_backend` is for the node traced outside an engine (default inductor on CUDA, aot_eager elsewhere).
     In `eager` engine mode neither applies: the node runs the plain model.
 
 Weights
@@ -119,8 +120,8 @@ class WanCausalDiT(Node):
             "auto", description="SDPA backend (auto: PyTorch's choice)")
         compile: Literal["regional", "whole"] = Field(
             "regional", description="how compiled engine modes compile this node (see the module docstring)")
-        compile_backend: str | None = Field(None, description="backend of regional compiles "
-                                                              "(default: inductor on CUDA, aot_eager elsewhere)")
+        compile_backend: str | None = Field(None, description="backend of regional compiles outside an engine, "
+                                            "which uses its own (default: inductor on CUDA, aot_eager elsewhere)")
 
         @model_validator(mode="after")
         def _steps(self):
@@ -249,9 +250,11 @@ class WanCausalDiT(Node):
 
     @torch.compiler.disable
     def _generate_regional(self, cond, noise, phase: int) -> torch.Tensor:
-        """The block with the layers' repeated pieces compiled by the node itself (see the module docstring)."""
-        if not self._regions_ready:
-            self._install_regions()
+        """The block with the layers' repeated pieces compiled (see the module docstring)."""
+        if not self._regions_ready:  # traced outside an engine executor (a profile script)
+            from reactor_graph.compile import compile_function
+
+            self.compile_regions(lambda fn: compile_function(fn, self._plain_backend(), self._count_region))
         self._regional = True
         try:
             return self._generate(cond, noise, phase)
@@ -259,29 +262,24 @@ class WanCausalDiT(Node):
             self._regional = False
 
     # -- regional compilation -----------------------------------------------------------------------------
-    def _region_backend(self):
-        from torch._dynamo.backends.registry import lookup_backend
+    def _count_region(self) -> None:
+        self.region_compiles += 1
 
-        name = self.params.compile_backend or ("inductor" if self.device.type == "cuda" else "aot_eager")
-        inner = lookup_backend(name)
+    def _plain_backend(self) -> str:
+        return self.params.compile_backend or ("inductor" if self.device.type == "cuda" else "aot_eager")
 
-        def counting(gm, example_inputs):
-            self.region_compiles += 1
-            return inner(gm, example_inputs)
-
-        return counting
-
-    def _install_regions(self) -> None:
+    def compile_regions(self, compile) -> None:
         """Route each layer's qkv/finish and the cache's roll through compiled functions while `_regional`.
 
         The compiled functions are shared by all layers (the layer is an argument; its parameters are graph
         inputs), so each compiles once. Outside the regional path the plain methods run."""
         from reactor_graph.models.wan_dit import KVCache, WanBlock, apply_rope
 
-        backend = self._region_backend()
-        qkv = torch.compile(WanBlock.qkv, backend=backend, dynamic=False)
-        finish = torch.compile(WanBlock.finish, backend=backend, dynamic=False)
-        self._rope = torch.compile(apply_rope, backend=backend, dynamic=False)
+        if self.params.compile != "regional" or self._regions_ready:
+            return
+        qkv = compile(WanBlock.qkv)
+        finish = compile(WanBlock.finish)
+        self._rope = compile(apply_rope)
 
         def route(compiled, plain, blk):
             def call(*args, **kw):

@@ -28,6 +28,23 @@ MODES = ("eager", "compile", "cudagraph")
 log = logging.getLogger("reactor_graph")
 
 
+def compile_function(fn: Callable, backend: str, counted: Callable[[], None] | None = None) -> Callable:
+    """The one place torch.compile is applied: static shapes, and `counted()` at every backend call (a
+    compile; one after warm-up is a recompile). Backend "none" returns `fn` itself."""
+    if backend == "none":
+        return fn
+    from torch._dynamo.backends.registry import lookup_backend
+
+    inner = lookup_backend(backend)
+
+    def counting_backend(gm, example_inputs):
+        if counted is not None:
+            counted()
+        return inner(gm, example_inputs)
+
+    return torch.compile(fn, backend=counting_backend, dynamic=False)
+
+
 class Segment:
     """The capturable part of the hot path as one function of static inputs, for one phase key."""
 
@@ -101,19 +118,8 @@ class CompiledHotPath:
     def graphs(self) -> dict[tuple, Any]:
         return {k: c.graph for k, c in self.captures.items() if c.graph is not None}
 
-    # -- the one place torch.compile is applied -------------------------------------------------------
     def _torch_compile(self, fn: Callable, counted: Callable[[], None]) -> Callable:
-        if self.backend == "none":
-            return fn
-        from torch._dynamo.backends.registry import lookup_backend
-
-        inner = lookup_backend(self.backend)
-
-        def counting_backend(gm, example_inputs):
-            counted()
-            return inner(gm, example_inputs)
-
-        return torch.compile(fn, backend=counting_backend, dynamic=False)
+        return compile_function(fn, self.backend, counted)
 
     def _compile(self, record: Capture, seg: Segment) -> Callable:
         def counted():

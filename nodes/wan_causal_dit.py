@@ -30,18 +30,25 @@ Text cross-attention
     features arrive in the engine's static buffer and a new prompt is visible in the next block, no recompile.
     With `recache: false` (default) the self-attention cache keeps the keys/values computed under the old
     prompt and only cross-attention switches. `recache: true` is LongLive's KV re-cache: in the block where new
-    text features arrive, the cached frames are re-encoded from their clean latents under the new prompt before
-    denoising (one cache-writing pass per cached block, once per switch), so the switch is not held back by
-    the old prompt's features in the cache.
+    text features arrive, before the block's roll, the cached frames are re-encoded from their clean latents
+    under the new prompt in one pass in which they all attend to each other (as LongLive's
+    `_recache_after_switch` with its global sink: once the cache has rolled, the sink keeps the old prompt's
+    keys/values and only the window is re-encoded). Once per switch, one pass of at most max_frames frames.
+
+Rolling and positions
+    As the official Self-Forcing and LongLive code: RoPE positions are absolute frame indices (the sink at
+    [0, sink_frames), the block at its frame in the video); cached keys are rotated once, when written, and the
+    roll only moves them, so bf16 keys are rounded once however long the stream runs. The position counter lives
+    on the device; the rolling phase stays one captured program.
 
 Compilation
     `compile: regional` (default). The engine compiles (torch.compile) and CUDA-graph captures whole hot paths;
     traced whole, this node is 5 passes x 30 layers unrolled per phase, and every phase (8) is traced again:
     many minutes of inductor time at the 1.3B size. So, when the engine traces it, the node hides its body from
     the engine's trace (`torch.compiler.disable`: one graph break) and has its repeated pieces compiled,
-    once each: a layer's pre-attention (`WanBlock.qkv`) and post-attention (`WanBlock.finish`) parts, and the
-    RoPE re-rotation of the rolling cache. Their shapes do not depend on the phase (attention, whose key length
-    does, runs between them as one SDPA call), so they compile once for all 30 layers and all phases. The
+    once each: a layer's pre-attention (`WanBlock.qkv`) and post-attention (`WanBlock.finish`) parts (the
+    rolling cache's roll is plain copies: keys keep their RoPE, nothing to compile there). Their shapes do not
+    depend on the phase (attention, whose key length does, runs between them as one SDPA call), so they compile once for all 30 layers and all phases. The
     engine's CUDA graph then captures the whole block as usual. `region_compiles` counts those compilations.
     `compile: whole` lets the engine trace the node like any other (fine for the tiny config).
     The engine compiles the pieces (`compile_regions`, its one torch.compile) with its own backend;
@@ -269,17 +276,16 @@ class WanCausalDiT(Node):
         return self.params.compile_backend or ("inductor" if self.device.type == "cuda" else "aot_eager")
 
     def compile_regions(self, compile) -> None:
-        """Route each layer's qkv/finish and the cache's roll through compiled functions while `_regional`.
+        """Route each layer's qkv/finish through compiled functions while `_regional`.
 
         The compiled functions are shared by all layers (the layer is an argument; its parameters are graph
         inputs), so each compiles once. Outside the regional path the plain methods run."""
-        from reactor_graph.models.wan_dit import KVCache, WanBlock, apply_rope
+        from reactor_graph.models.wan_dit import WanBlock
 
         if self.params.compile != "regional" or self._regions_ready:
             return
         qkv = compile(WanBlock.qkv)
         finish = compile(WanBlock.finish)
-        self._rope = compile(apply_rope)
 
         def route(compiled, plain, blk):
             def call(*args, **kw):
@@ -289,10 +295,18 @@ class WanCausalDiT(Node):
         for blk in self.model.blocks:
             blk.qkv = route(qkv, WanBlock.qkv, blk)
             blk.finish = route(finish, WanBlock.finish, blk)
-        cache = self.cache
-        # the same roll, with the keys' re-rotation compiled: one fused kernel per chunk, not a float32 round trip
-        cache.roll_ = lambda: KVCache.roll_(cache, rope=self._rope if self._regional else apply_rope)
+        self.gen.recache_scope = self._plain
         self._regions_ready = True
+
+    @contextlib.contextmanager
+    def _plain(self):
+        """The re-cache pass (max_frames tokens, once per prompt switch) runs the plain pieces: compiling them
+        for its token counts would add compilations at start-up for a pass that is not the per-block cost."""
+        regional, self._regional = self._regional, False
+        try:
+            yield
+        finally:
+            self._regional = regional
 
 
 @functools.lru_cache(maxsize=8)

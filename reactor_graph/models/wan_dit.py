@@ -41,16 +41,15 @@ Phases
     So a generator with N cache blocks has N + 1 phases (N without rolling); `KVCache.phases()` lists
     them and `KVCache.phase_for_block(i)` maps a block index to its phase.
 
-RoPE positions of the cached keys (the choice made here)
-    Keys are cached *after* RoPE, and a key's RoPE frame position is always its *slot* in the cache (the
-    StreamingLLM convention: positions within the cache, not within the video). While the cache fills this is
-    the absolute frame index. When the cache rolls, the keys that move F frames forward are re-rotated by
-    -F frames in the same copy (a rotation composes: R(p - F) = R(-F) R(p)), so in the steady state the sink
-    sits at frames [0, S), the window right after it and the current block at the end, and the positions seen
-    by the model stay inside the range it was trained on (<= max_frames) however long the video runs. The
-    cost is one extra rotation of the moved keys per block (not per denoising step), done in float32.
-    (LongLive instead keeps absolute positions growing without bound, with sink keys at their original
-    position; that needs a device-side frame counter and a RoPE table as long as the video.)
+RoPE positions of the cached keys (as the official Self-Forcing and LongLive inference)
+    Keys are cached *after* RoPE at their absolute frame index in the video and are never re-rotated: a roll
+    only moves them (plain copies), so each cached key is rounded to the cache dtype once however long the
+    stream runs. The sink keeps positions [0, S); the block being made sits at its absolute frames, so the
+    query-to-sink distance grows by F every block, as in LongLive. That position lives on the device
+    (`KVCache.frame_offset`: the absolute frame of window slot s is s + frame_offset; the roll adds F), so the
+    rolling phase is still one static program; its RoPE angles are evaluated per block from that counter in
+    float64 (frame band only, [F, bands] values), so no table grows with the stream and precision does not
+    depend on its length. (The official code indexes a 1024-frame table and stops there; this does not.)
 
 Two passes per block (as Self-Forcing)
     1. `denoise_step` (x `num_steps`): the noisy block reads the cache; it never changes any valid entry.
@@ -63,13 +62,17 @@ Two passes per block (as Self-Forcing)
        layer's attention/FFN and the head are skipped: their outputs are not needed for the cache.
     The clean latents are kept next to their keys/values (`KVCache.latents`), so after a prompt switch the
     cached frames can be re-encoded under the new prompt's cross-attention (`recache`, LongLive's KV re-cache:
-    without it the self-attention cache keeps the old prompt's features and the switch lags).
-    `generate_block(noise, context, phase)` is: roll (rolling phase only), the optional re-cache, the few-step sampler
+    without it the self-attention cache keeps the old prompt's features and the switch lags). As LongLive
+    (`_recache_after_switch`, global sink on) it is ONE pass over the whole cache before the block's roll, in
+    which all cached frames attend to each other (no causal mask); once the cache has rolled, the sink keeps
+    the old prompt's keys/values and only the window is re-encoded (attending to the kept sink).
+    `generate_block(noise, context, phase)` is: the optional re-cache, roll (rolling phase only), the few-step sampler
     (`FlowMatchSchedule`), the cache write. The caller passes all noise (no RNG inside), every loop bound is a
     Python int, so the whole call is static and capture-friendly.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -428,7 +431,8 @@ class WanDiT(nn.Module):
     # -- one block against the cache
 
     def forward_block(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None, cache: "KVCache",
-                      cache_start: int, *, write_kv: bool = False, return_output: bool = True):
+                      cache_start: int, *, write_kv: bool = False, return_output: bool = True,
+                      keep_sink: torch.Tensor | None = None):
         """One block of frames x [B, C, F, H, W] at token offset `cache_start` (a Python int: the phase).
 
         Attention reads cache[:cache_start] (earlier blocks) + this block. t: [B] or [B, F] timesteps.
@@ -436,7 +440,9 @@ class WanDiT(nn.Module):
         by the cache (`BlockCausalWan.set_context`). write_kv=False: denoising pass, no valid cache entry
         changes (see the module docstring for `stage_kv`); write_kv=True: this block's keys/values are
         written to [cache_start, cache_start + L). return_output=False skips the work that only the output
-        needs (the last layer after its k/v, and the head) and returns None.
+        needs (the last layer after its k/v, and the head) and returns None. keep_sink (a device bool, only
+        with write_kv and cache_start 0): where true, the sink slots keep their keys/values (the re-cache of a
+        rolled cache) and the block's sink frames attend to them instead of their own.
         Returns the flow prediction [B, out, F, H, W] (float32).
         """
         grid = self.grid(x)
@@ -446,7 +452,7 @@ class WanDiT(nn.Module):
         end = cache_start + n
         if end > cache.max_tokens:
             raise ValueError(f"block [{cache_start}, {end}) does not fit a cache of {cache.max_tokens} tokens")
-        cos, sin = cache.rope_cos[cache_start:end], cache.rope_sin[cache_start:end]
+        cos, sin = cache.rope(cache_start // cache.tokens_per_frame, frames)
         e, e0 = self.time_embed(t, b, frames)
         ckv = self.cross_kv(context) if context is not None else None
         stage = write_kv or cache.stage_kv
@@ -456,8 +462,7 @@ class WanDiT(nn.Module):
             q, k, v = blk.qkv(tok, m, frames, cos, sin)
             kc, vc = cache.kv[i, 0], cache.kv[i, 1]  # [B, T, H, D] views
             if stage:
-                kc[:, cache_start:end].copy_(k)
-                vc[:, cache_start:end].copy_(v)
+                _stage(kc, vc, k, v, cache_start, end, keep_sink, cache.sink_frames * cache.tokens_per_frame)
             if i == last and not return_output:
                 return None
             if stage:
@@ -472,6 +477,20 @@ class WanDiT(nn.Module):
                 ck, cv = cache.cross[i, 0], cache.cross[i, 1]
             tok = blk.finish(tok, a, m, frames, ck.to(q.dtype), cv.to(q.dtype))
         return self.unpatchify(self.head(tok, e, frames), grid)
+
+
+def _stage(kc, vc, k, v, start: int, end: int, keep_sink: torch.Tensor | None, sink: int) -> None:
+    """Write k/v [B, L, H, D] to cache slots [start, end); with keep_sink, slots [0, sink) keep their old
+    values where keep_sink is true (a select, not a branch: the program stays static)."""
+    if keep_sink is None or sink == 0:
+        kc[:, start:end].copy_(k)
+        vc[:, start:end].copy_(v)
+        return
+    assert start == 0 and end >= sink, (start, end, sink)
+    kc[:, :sink].copy_(torch.where(keep_sink, kc[:, :sink], k[:, :sink]))
+    vc[:, :sink].copy_(torch.where(keep_sink, vc[:, :sink], v[:, :sink]))
+    kc[:, sink:end].copy_(k[:, sink:])
+    vc[:, sink:end].copy_(v[:, sink:])
 
 
 # ------------------------------------------------------------------------------------------------- cache
@@ -498,7 +517,8 @@ class KVCache:
     kv:    [layers, 2, B, max_tokens, heads, head_dim]  (RoPE'd keys, values)
     latents: [B, C, max_frames, h, w]  the clean latents the cached frames were written from
     cross: [layers, 2, B, text_len, heads, head_dim]
-    rope_cos/rope_sin: [max_tokens, head_dim/2] float32, the angles of each slot (position = slot).
+    frame_offset: int64 scalar on the device; window slot s (s >= sink_frames) holds absolute frame
+      s + frame_offset (0 while filling; each roll adds frames_per_block). Sink slots hold frames [0, S).
     """
 
     def __init__(self, cfg: WanConfig, *, batch_size: int, latent_hw: tuple[int, int], max_frames: int,
@@ -531,11 +551,37 @@ class KVCache:
         # the clean latents behind each cached frame, so the window can be re-encoded (`BlockCausalWan.recache`)
         self.latents = torch.zeros(batch_size, cfg.out_dim, max_frames, *latent_hw, dtype=dtype, device=device)
         self.cross = torch.zeros(L, 2, batch_size, cfg.text_len, H, D, dtype=dtype, device=device)
-        self.rope_cos, self.rope_sin = rope_tables(cfg, max_frames, self.grid_hw, device=device)
-        # rotation by -frames_per_block frames (frame band only): applied to the keys that a roll moves
-        zero = torch.zeros(1, dtype=torch.float64)
-        ang = rope_angles(cfg, torch.tensor([-float(frames_per_block)]), zero, zero)[0]
-        self.shift_cos, self.shift_sin = ang.cos().float().to(device), ang.sin().float().to(device)
+        self.frame_offset = torch.zeros((), dtype=torch.int64, device=device)
+        # static pieces of the RoPE tables: the height/width bands, the slot numbers, which slots move
+        bf = cfg.rope_bands[0]
+        _, hw_cos, hw_sin = self._hw_rope(cfg, self.grid_hw)
+        self._hw_cos, self._hw_sin = hw_cos.to(device), hw_sin.to(device)  # [h*w, (bh+bw)/2]
+        self._inv_freq = _band_inv_freq(bf, cfg.rope_theta).to(device)  # [bf/2] float64
+        slots = torch.arange(max_frames, dtype=torch.float64)
+        self._slots = slots.to(device)
+        self._window = (slots >= sink_frames).double().to(device)
+
+    @staticmethod
+    def _hw_rope(cfg: WanConfig, grid_hw: tuple[int, int]):
+        h, w = grid_hw
+        rr, cc = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                indexing="ij")
+        ang = rope_angles(cfg, torch.zeros(h * w, dtype=torch.float64), rr.reshape(-1), cc.reshape(-1))
+        ang = ang[:, cfg.rope_bands[0] // 2:]
+        return ang, ang.cos().float(), ang.sin().float()
+
+    def rope(self, start_slot: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [frames*h*w, head_dim/2] float32 of slots [start_slot, start_slot + frames) at their
+        absolute frame positions (device ops only: capture-friendly, the counter is read on the device)."""
+        sl = slice(start_slot, start_slot + frames)
+        pos = self._slots[sl] + self.frame_offset.double() * self._window[sl]  # [frames] float64
+        ang = pos[:, None] * self._inv_freq[None]  # [frames, bf/2]
+        hw = self._hw_cos.shape[0]
+        fc = ang.cos().float()[:, None].expand(frames, hw, -1)
+        fs = ang.sin().float()[:, None].expand(frames, hw, -1)
+        cos = torch.cat([fc, self._hw_cos[None].expand(frames, -1, -1)], dim=-1)
+        sin = torch.cat([fs, self._hw_sin[None].expand(frames, -1, -1)], dim=-1)
+        return cos.reshape(frames * hw, -1), sin.reshape(frames * hw, -1)
 
     @property
     def device(self) -> torch.device:
@@ -566,25 +612,22 @@ class KVCache:
     # in-place roll
 
     @torch.no_grad()
-    def roll_(self, rope=apply_rope) -> None:
-        """Drop frames [sink, sink + F) and move [sink + F, max_frames) to [sink, max_frames - F), in place,
-        re-rotating the moved keys by -F frames so each key's RoPE position stays its slot. Copies go front
-        to back in chunks of F frames (never overlapping within a chunk), per layer to keep temporaries small.
-        The last slot keeps stale data until the next block overwrites it. `rope`: the rotation to use (a
-        compiled `apply_rope` fuses it into one kernel per chunk)."""
+    def roll_(self) -> None:
+        """Drop frames [sink, sink + F) and move [sink + F, max_frames) to [sink, max_frames - F), in place; the
+        moved keys keep their RoPE (absolute positions), so this is a plain copy and `frame_offset` grows by F.
+        Copies go front to back in chunks of F frames (never overlapping within a chunk), all layers and both
+        keys and values in one copy per chunk. The last slot keeps stale data until the next block overwrites
+        it."""
         n = self.tokens_per_frame
         shift = self.frames_per_block * n
         dst0, src0, end = self.sink_frames * n, (self.sink_frames + self.frames_per_block) * n, self.max_tokens
-        length = end - src0
-        for layer in range(self.kv.shape[0]):
-            k, v = self.kv[layer, 0], self.kv[layer, 1]
-            pos = 0
-            while pos < length:
-                c = min(shift, length - pos)
-                s, d = src0 + pos, dst0 + pos
-                k[:, d:d + c].copy_(rope(k[:, s:s + c], self.shift_cos.expand(c, -1), self.shift_sin.expand(c, -1)))
-                v[:, d:d + c].copy_(v[:, s:s + c])
-                pos += c
+        kv = self.kv.flatten(0, 2)  # [L*2*B, T, H, D]: one copy per chunk for everything
+        pos = 0
+        while pos < end - src0:
+            c = min(shift, end - src0 - pos)
+            kv[:, dst0 + pos:dst0 + pos + c].copy_(kv[:, src0 + pos:src0 + pos + c])
+            pos += c
+        self.frame_offset.add_(self.frames_per_block)
         self.roll_latents_()
 
     @torch.no_grad()
@@ -597,7 +640,9 @@ class KVCache:
 
     @torch.no_grad()
     def reset_(self) -> None:
-        """Zero the buffers (not needed for correctness: phase b only reads slots that phases < b wrote)."""
+        """Back to frame 0 (the position counter must be reset; zeroing the buffers is not needed for
+        correctness: phase b only reads slots that phases < b wrote)."""
+        self.frame_offset.zero_()
         self.kv.zero_()
         self.latents.zero_()
 
@@ -679,6 +724,9 @@ class BlockCausalWan:
         self._bf = (b, f)
         self._sig = self.schedule.sigmas
         self._sig_next = self.schedule.next_sigmas
+        # entered around the re-cache pass; a caller that compiles the per-block pieces for the block's shape
+        # can run the re-cache (another token count, once per prompt switch) plain instead of compiling it too
+        self.recache_scope = contextlib.nullcontext
 
     def phases(self) -> list[Phase]:
         return self.cache.phases()
@@ -717,16 +765,22 @@ class BlockCausalWan:
         self.cache.latents[:, :, phase.start_frame:phase.start_frame + f].copy_(x0)
 
     @torch.no_grad()
-    def recache(self, frames: int) -> None:
-        """Re-encode the cached frames [0, frames) from their clean latents under the current cross-attention
-        (LongLive's KV re-cache after a prompt switch): block by block from the front, each block attending
-        to the re-encoded ones before it, as they were first written. Costs frames / F cache-writing passes."""
-        f, n = self.cache.frames_per_block, self.cache.tokens_per_frame
-        t = self._t_ctx.expand(*self._bf)
-        for start in range(0, frames, f):
-            x0 = self.cache.latents[:, :, start:min(start + f, frames)]
-            self.model.forward_block(x0, t[:, :x0.shape[2]], None, self.cache, start * n, write_kv=True,
-                                     return_output=False)
+    def recache(self, phase: Phase) -> None:
+        """LongLive's KV re-cache after a prompt switch, before `phase`'s block (and before its roll): the
+        cached frames are re-encoded from their clean latents under the current cross-attention in ONE pass
+        (timestep `context_noise`), all of them attending to each other. While the cache has not rolled that is
+        every written frame, the sink included; once it has (frame_offset > 0), the sink keeps the old prompt's
+        keys/values and the window frames attend to them, as LongLive with its global sink. One pass of
+        max_frames frames, whatever the phase (the sink's selection is on the device)."""
+        frames = self.cache.max_frames if phase.roll else phase.start_frame
+        if frames == 0:
+            return
+        x0 = self.cache.latents[:, :, :frames]
+        t = self._t_ctx.expand(self._bf[0], frames)
+        keep = self.cache.frame_offset > 0 if self.cache.sink_frames else None
+        with self.recache_scope():
+            self.model.forward_block(x0, t, None, self.cache, 0, write_kv=True, return_output=False,
+                                     keep_sink=keep)
 
     @torch.no_grad()
     def generate_block(self, noise: torch.Tensor, context: torch.Tensor | None, phase: Phase,
@@ -738,10 +792,10 @@ class BlockCausalWan:
         prompt switch). Returns the clean latents x0 [B, C, F, H, W] (float32, or into `out`)."""
         if context is not None:
             self.set_context(context)
+        if recache:
+            self.recache(phase)
         if phase.roll:
             self.cache.roll_()
-        if recache:
-            self.recache(phase.start_frame)
         per_step = noise.dim() == 6
         x = (noise[0] if per_step else noise).float()
         x0 = x

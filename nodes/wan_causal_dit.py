@@ -122,7 +122,20 @@ class WanCausalDiT(Node):
         weights: str = Field(RANDOM, description="'random', or a local Wan/Self-Forcing/CausVid/LongLive "
                                                  "checkpoint (safetensors or torch file)")
         seed: int = Field(0, description="seed of random weights (added to the graph's seed)")
-        prefer_ema: bool = Field(True, description="take generator_ema from training checkpoints when present")
+        prefer_ema: bool = Field(True, description="take generator_ema from training checkpoints when present "
+                                                   "(Self-Forcing's choice); LongLive's configs use the non-EMA "
+                                                   "`generator`: false")
+        lora: str | None = Field(None, description="a local LoRA file merged into the weights at load (peft-style "
+                                                  "keys as LongLive's lora.pt, or Wan/kohya-style)")
+        lora_scale: float = Field(1.0, description="multiplier of the LoRA's update")
+        lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha when the file has none (scale = "
+                                                                 "alpha / rank); default: the rank (LongLive: "
+                                                                 "rank 256, alpha 256)")
+        lora_swap: Literal["off", "device", "host"] = Field(
+            "off", description="keep the unmerged weights (on the device or in host memory) so LoRA alternatives "
+                               "can be swapped in place")
+        swap_into: str | None = Field(None, description="as an alternative: the wan_causal_dit node whose weights "
+                                                        "this one's LoRA rewrites in place (only the LoRA is loaded)")
         attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
             "auto", description="SDPA backend (auto: PyTorch's choice)")
         compile: Literal["regional", "whole"] = Field(
@@ -204,6 +217,9 @@ class WanCausalDiT(Node):
                                                    init_random_, load_wan_state_dict)
 
         p, cfg = self.params, self.cfg
+        self.lora_delta = self._read_lora()
+        if p.swap_into is not None:
+            return  # an in-place alternative: its LoRA is all it needs (`swap_in_place` of the target)
         with torch.device("meta"):
             model = WanDiT(cfg).to(dtype)
         if p.weights == RANDOM:
@@ -214,6 +230,11 @@ class WanCausalDiT(Node):
             load_wan_state_dict(model, path, strict=True, prefer_ema=p.prefer_ema)
             model.to(device)
         self.model = model.eval().requires_grad_(False)
+        self._base = self._keep_base() if p.lora_swap != "off" else None
+        self.lora_now = None
+        if self.lora_delta is not None:
+            self._merge(self.lora_delta, p.lora_scale, p.lora_alpha)
+            self.lora_now = self.name
         self.cache = KVCache(cfg, batch_size=1, latent_hw=tuple(p.latent_size), max_frames=p.max_frames,
                              frames_per_block=p.frames_per_block, sink_frames=p.sink_frames, rolling=p.rolling,
                              dtype=dtype, device=device)
@@ -224,7 +245,74 @@ class WanCausalDiT(Node):
         self.out = torch.zeros(1, cfg.out_dim, p.frames_per_block, *p.latent_size, device=device, dtype=dtype)
 
     def reset(self):
-        self.cache.reset_()
+        if self.params.swap_into is None:
+            self.cache.reset_()
+
+    # -- LoRA -------------------------------------------------------------------------------------------
+    def _read_lora(self):
+        from reactor_graph.weights import parse_lora, read_state_dict, resolve_weights
+
+        if self.params.lora is None:
+            if self.params.swap_into is not None:
+                raise ValueError(f"node '{self.name}': swap_into needs a `lora` to swap in")
+            return None
+        path = resolve_weights(self.params.lora, self.graph.root, "LoRA")
+        # on the device: a swap then costs the merge's GPU work, not a host copy of the factors
+        return {k: d.to(self.device) for k, d in parse_lora(read_state_dict(path), f"LoRA {path}").items()}
+
+    def _merge(self, lora, scale: float, alpha: float | None, base=None) -> list[str]:
+        from reactor_graph.weights import merge_lora_
+
+        what = f"LoRA of node '{self.name}'"
+        return merge_lora_(self.model, lora, scale=scale, alpha=alpha, what=what, base=base)
+
+    def _keep_base(self) -> dict[str, torch.Tensor]:
+        """Copies of every weight a LoRA can target (the blocks' linear layers), before any merge."""
+        host = self.params.lora_swap == "host"
+        out = {}
+        for name, m in self.model.named_modules():
+            if isinstance(m, torch.nn.Linear) and name.startswith("blocks."):
+                for attr in ("weight", "bias"):
+                    t = getattr(m, attr)
+                    if t is None:
+                        continue
+                    c = t.detach().to("cpu", copy=True) if host else t.detach().clone()
+                    out[f"{name}.{attr}"] = c.pin_memory() if host and torch.cuda.is_available() else c
+        return out
+
+    def swap_in_place(self, new) -> bool:
+        """Engine hook (swap.apply): if `new` is a LoRA alternative of this node (`swap_into` names it) or this
+        node itself (swap back), rewrite the merged weights in place -- base + the new LoRA, from the kept base
+        copy, so nothing accumulates over swaps -- and return True: the parameters keep their storage, so the
+        compiled code and the captured graphs stay valid (no recompile, no recapture). The stall is the merge.
+        False for any other replacement (the engine then swaps the node as usual)."""
+        if new is not self and (not isinstance(new, WanCausalDiT) or new.params.swap_into != self.name):
+            return False
+        from reactor_graph.errors import SessionError
+        from reactor_graph.weights import lora_targets
+
+        if self._base is None:
+            raise SessionError(f"node '{self.name}' was loaded without `lora_swap`: set lora_swap: device (or host) "
+                               f"to swap LoRA alternatives into it in place")
+        lora = new.lora_delta
+        if lora is not None:
+            try:  # checked before anything is written
+                lora_targets(self.model, lora, f"LoRA of '{new.name}'")
+            except ValueError as exc:
+                raise SessionError(str(exc)) from None
+        if lora is None:  # back to the plain base
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    if name in self._base:
+                        p.copy_(self._base[name])
+        else:
+            params = dict(self.model.named_parameters())
+            touched = set(self._merge(lora, new.params.lora_scale, new.params.lora_alpha, base=self._base))
+            with torch.no_grad():  # what the new LoRA does not touch goes back to the base
+                for name in self._base.keys() - touched:
+                    params[name].copy_(self._base[name])
+        self.lora_now = new.name if lora is not None else None
+        return True
 
     # -- per block --------------------------------------------------------------------------------------
     def forward(self, cond, noise):

@@ -4,7 +4,9 @@ A swap is checked before anything changes (same outputs: names, kinds, dtypes, s
 things that exist; an on-change node stays on-change), then applied at the next block boundary. A condition
 (on-change) node writes into the same static buffers the compiled hot path already reads, so nothing is
 recompiled or recaptured and the stall is the new node's one forward. A hot-path node is allowed too: the
-hot path is recompiled/recaptured for it and the sequence restarts; that stall is measured and reported.
+hot path is recompiled/recaptured for it and the sequence restarts; that stall is measured and reported. A node
+may take a replacement in place (`Node.swap_in_place`, e.g. a LoRA alternative rewriting merged weights): then
+nothing is recompiled or recaptured, the sequence goes on, and the stall is that rewrite.
 """
 from __future__ import annotations
 
@@ -74,10 +76,24 @@ def hot_changed(plan: Plan, wiring: Wiring, other: Wiring | None = None) -> bool
     return any(wiring.nodes[n] is not other.nodes[n] for n in plan.hot)
 
 
+def _sync(engine: Engine) -> None:
+    if getattr(engine.device, "type", None) == "cuda":
+        import torch
+
+        torch.cuda.synchronize(engine.device)  # the stall is the work, not its launch
+
+
 def apply(engine: Engine, target: str, new: Node, binds: dict[str, Source]) -> dict[str, Any]:
     """At a block boundary: put `new` in place of `target` for this session. Returns the reply."""
     _check(engine, target, new, binds)
     t0 = time.perf_counter()
+    if getattr(engine.nodes[target], "swap_in_place", lambda n: False)(new):
+        # the node rewrote its own weights (a LoRA alternative): same code, same buffers, nothing to recapture
+        _sync(engine)
+        result = {"ok": True, "node": target, "now": new.name, "recaptured": False, "in_place": True,
+                  "stall_ms": (time.perf_counter() - t0) * 1000}
+        engine.stats.swaps.append(result)
+        return result
     recapture = target in engine.plan.hot and engine.mode != "eager"  # new code on the hot path
     engine.use_wiring(engine.wiring.swapped(target, new, binds), recapture=recapture)
     engine.forget(target)

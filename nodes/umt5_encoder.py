@@ -16,11 +16,17 @@ Params
                 random weights and tests, meaningless for real weights).
     max_tokens  512 (Wan's text_len); the prompt is cut there.
 
+Prompt clean-up: as Wan's tokenizer (`clean='whitespace'`): `ftfy.fix_text` (mojibake such as "cafÃ©"), HTML
+entities unescaped twice ("Tom &amp; Jerry", "&amp;lt;3"), whitespace runs collapsed. `ftfy` comes with the `wan`
+extra; a node with a real tokenizer refuses to load without it (the ids would differ from Wan's), the built-in word
+tokenizer goes on without it.
+
 Output: features of the prompt's tokens, zero after its last token (Wan trims the T5 output to the prompt's length
 and zero-pads it to 512 before the DiT's text embedding); in the graph's dtype.
 """
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
@@ -65,6 +71,23 @@ def read_config(config: str, root) -> dict:
     if "d_model" not in cfg:
         raise ValueError(f"config {p} is not a T5/UMT5 config (no d_model)")
     return cfg
+
+
+def clean_prompt(text: str, fix_text=None) -> str:
+    """Wan's prompt clean-up before tokenizing (`basic_clean` then `whitespace_clean`): ftfy's fix_text (skipped
+    when `fix_text` is None), HTML unescaped twice, whitespace runs to one space, stripped."""
+    if fix_text is not None:
+        text = fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _ftfy():
+    try:
+        import ftfy
+    except ImportError:
+        return None
+    return ftfy.fix_text
 
 
 _WAN_BLOCK = {
@@ -155,6 +178,7 @@ class UMT5Encoder(Node):
             raise ValueError(f"dim is {p.dim} but the config's d_model is {d}")
         self.dim = d
         self.tokenizer = None
+        self._fix_text = _ftfy()
         self.word_tokenizer = WordTokenizer(self.config["vocab_size"], p.max_tokens)
 
     def ports(self):
@@ -187,6 +211,9 @@ class UMT5Encoder(Node):
                 model.to(device)
         self.model = model.eval().requires_grad_(False)
         if p.tokenizer:
+            if self._fix_text is None:
+                raise RuntimeError("the umt5_encoder node cleans prompts as Wan does, with `ftfy`, which is not "
+                                   "installed here: pip install ftfy (or reactor-graph[wan])")
             folder = resolve(p.tokenizer, self.graph.root)
             if not folder.exists():
                 raise FileNotFoundError(f"tokenizer folder {folder} does not exist (tokenizers are read from local "
@@ -215,7 +242,7 @@ class UMT5Encoder(Node):
 
     def tokenize(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         """ids, attention mask [1, max_tokens] (long)."""
-        text = " ".join(text.split())  # Wan's whitespace clean-up
+        text = clean_prompt(text, self._fix_text)
         if self.tokenizer is None:
             ids = self.word_tokenizer(text)[None]
             return ids, (ids != 0).long()

@@ -302,3 +302,17 @@ def test_umt5_local_tokenizer_folder(tmp_path):
                           GraphInfo(64, 64, 16, root=tmp_path))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         missing.load(torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("raw, want", [
+    ("Tom &amp; Jerry", "Tom & Jerry"),
+    ("cafÃ©  au\tlait", "café au lait"),
+    ("&amp;lt;3 ", "<3"),
+    ("&lt;3", "<3"),
+])
+def test_umt5_prompt_clean_up_as_wan(raw, want):
+    """Wan's tokenizer cleans with ftfy.fix_text, html.unescape twice, then whitespace (wan/modules/tokenizers.py)."""
+    ftfy = pytest.importorskip("ftfy")
+    from reactor_graph.nodes.umt5_encoder import clean_prompt
+
+    assert clean_prompt(raw, ftfy.fix_text) == want

@@ -17,6 +17,11 @@ the meta device) and the throughput they imply, and frames/s from the block p50 
 `--rolling false` measures Self-Forcing's own clips instead: the cache fills over 7 blocks and the sequence
 restarts (81 frames a clip, 9 in its first block); measure a multiple of 7 blocks (`--blocks 42`).
 
+`--lora-swap RANK`: the DiT gets a random LoRA of that rank on every block linear (LongLive's targets; 256 is
+LongLive's rank) merged at load, and a second one as an in-place alternative (`swap_into`); after each mode a session
+swaps to it mid-stream: the swap's stall (the in-place rewrite of the merged weights, synchronised), the block it
+lands in against the others, and that nothing recompiled or recaptured. The LoRA files go to a temporary folder.
+
 No network: nothing is downloaded. Needs torch with CUDA, triton; transformers for the UMT5 node.
 """
 from __future__ import annotations
@@ -67,7 +72,35 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     ap.add_argument("--switch", action="store_true",
                     help="after each mode, a session with a set_prompt mid-stream: the block it lands in vs the others")
+    ap.add_argument("--lora-swap", type=int, default=0, metavar="RANK",
+                    help="with a LoRA of this rank merged, measure an in-place LoRA swap mid-stream (LongLive: 256)")
     return ap.parse_args()
+
+
+def write_loras(engine_cfg, rank: int, folder: Path) -> list[str]:
+    """Two random peft-style LoRAs (LongLive's key layout) for every linear of the DiT's blocks, bf16."""
+    import torch
+    from safetensors.torch import save_file
+
+    from reactor_graph.models.wan_dit import WanDiT
+
+    with torch.device("meta"):
+        model = WanDiT(engine_cfg)
+    names = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(100 + i)
+        sd = {}
+        for n, m in model.named_modules():
+            if n.startswith("blocks.") and isinstance(m, torch.nn.Linear):
+                out_f, in_f = m.weight.shape
+                sd[f"base_model.model.{n}.lora_A.weight"] = (torch.randn(rank, in_f, generator=g) * in_f ** -0.5
+                                                             ).to(torch.bfloat16)
+                sd[f"base_model.model.{n}.lora_B.weight"] = (torch.randn(out_f, rank, generator=g) * 1e-3
+                                                             ).to(torch.bfloat16)
+        path = folder / f"lora_{i}.safetensors"
+        save_file(sd, str(path))
+        names.append(str(path))
+    return names
 
 
 def build_engine(args):
@@ -95,6 +128,20 @@ def build_engine(args):
         nodes[dit].params["rolling"] = args.rolling == "true"
     if dec and args.decoder == "wan_vae":
         nodes[dec].type, nodes[dec].params = "wan_vae_decoder", {"weights": "random"}
+    if args.lora_swap:
+        import tempfile
+
+        from reactor_graph.nodes.wan_causal_dit import wan_config
+        from reactor_graph.spec import NodeSpec
+
+        cfg = wan_config(nodes[dit].params.get("config", "1.3b"), layers)
+        say(f"writing two rank-{args.lora_swap} LoRAs")
+        a, b = write_loras(cfg, args.lora_swap, Path(tempfile.mkdtemp(prefix="lora_bench_")))
+        nodes[dit].params.update(lora=a, lora_swap="device")
+        alt = dict(nodes[dit].params, lora=b, swap_into=dit)
+        alt.pop("lora_swap")
+        ls.spec.alternatives[f"{dit}_lora_b"] = NodeSpec.model_validate(
+            {"type": "wan_causal_dit", "params": alt, "in": dict(nodes[dit].in_)})
     plan = build_plan(ls)
     say(f"graph {plan.name}: random weights for {', '.join(changed)}; DiT layers {layers or 'all'}; "
         f"hot path {plan.hot}, on change {plan.on_change}")
@@ -195,6 +242,38 @@ def prompt_switch(engine, warmup: int, after: int = 6) -> dict:
             "stall_ms": switch_ms - median, "block_ms": dict(gaps)}
 
 
+def lora_swap(engine, dit: str, warmup: int, after: int = 6) -> dict:
+    """One session; the LoRA alternative is swapped in after block `warmup` (in place), and back at the end."""
+    ex = engine.executor
+    compiles = dict(getattr(ex, "compiles", {}) or {})
+    recompiles = getattr(ex, "recompiles", 0)
+    regions = engine.nodes[dit].region_compiles
+    marks: list[float] = []
+    swap_at = warmup + 1
+
+    def on_block(b):
+        b.video()
+        marks.append(time.perf_counter())
+        if b.index == warmup:
+            engine.request_swap(dit, f"{dit}_lora_b")
+
+    res = engine.run_session(on_block, max_blocks=warmup + after)
+    if not res.ok:
+        raise RuntimeError(res.error)
+    swap = engine.stats.swaps[-1]
+    gaps = [(b, (marks[b] - marks[b - 1]) * 1000) for b in range(1, len(marks))]
+    others = sorted(ms for b, ms in gaps if b >= 2 and b != swap_at)
+    median = others[len(others) // 2]
+    out = {"swap": swap, "swap_block_ms": dict(gaps)[swap_at], "median_block_ms": median,
+           "recompiled": getattr(ex, "recompiles", 0) != recompiles or dict(getattr(ex, "compiles", {}) or {}) != compiles,
+           "region_recompiled": engine.nodes[dit].region_compiles != regions}
+    say(f"   LoRA swap: stall {swap['stall_ms']:.1f} ms (in place {swap.get('in_place')}, recaptured "
+        f"{swap['recaptured']}); block {swap_at} took {out['swap_block_ms']:.1f} ms against a median of {median:.1f} ms")
+    engine.request_swap(dit, dit)  # back, for the next mode
+    engine.run_session(lambda b: None, max_blocks=1)
+    return out
+
+
 def main() -> int:
     args = parse()
     sys.stdout.reconfigure(line_buffering=True)
@@ -256,6 +335,8 @@ def main() -> int:
         report["extra"][mode]["wall_s"] = time.perf_counter() - t
         if args.switch:
             report["extra"][mode]["prompt_switch"] = prompt_switch(engine, args.warmup)
+        if args.lora_swap:
+            report["extra"][mode]["lora_swap"] = lora_swap(engine, dit, args.warmup)
         report["extra"][mode]["dit_region_compiles"] = dit_node.region_compiles
         for k in ("schema", "device", "dtype", "frames_per_block"):
             report[k] = r.get(k)

@@ -59,8 +59,22 @@ Weights
     `weights: random` (the shipped graphs' default) initialises with `init_random_` (seeded by `seed` plus the
     graph's seed), directly on the device. Otherwise a local file: a Wan2.1 / CausVid / Self-Forcing / LongLive
     checkpoint (safetensors or torch; wrappers such as `generator_ema` and prefixes such as `model.` are handled by
-    `load_wan_state_dict`, EMA preferred unless `prefer_ema: false`), or a folder holding Wan's
-    `diffusion_pytorch_model.safetensors`. Relative paths resolve against the graph file's folder.
+    `load_wan_state_dict`), or a folder holding Wan's `diffusion_pytorch_model.safetensors`. Relative paths
+    resolve against the graph file's folder.
+    EMA: training checkpoints hold both `generator` and `generator_ema`. `prefer_ema: true` (default) takes the
+    EMA weights, Self-Forcing's choice; LongLive's inference configs take `generator` (`use_ema: false`), so its
+    graph sets `prefer_ema: false`. A checkpoint with only one of them loads that one either way.
+    LoRA: `lora:` a local LoRA file merged into the weights at load: peft-style keys (LongLive's `lora.pt`,
+    `base_model.model.<module>.lora_A/lora_B.weight`, optionally under `generator_lora`) or Wan/kohya-style
+    (`diffusion_model.<module>.lora_down/lora_up.weight` with `alpha`, `lora_unet_...`, `diff`/`diff_b`). The update
+    is lora_scale * alpha / rank * B @ A, formed in float32 and rounded to the weights' dtype once; alpha from the
+    file, else `lora_alpha`, else the rank (LongLive: rank 256, alpha 256, a factor of 1). A key that names no
+    linear layer of the model, or a factor of the wrong shape, fails the load naming them.
+    LoRA swap: with `lora_swap: device` (or `host`) the unmerged block weights are kept; an alternative of this
+    type with `swap_into: <this node>` and its own `lora:` loads only its LoRA, and swapping to it rewrites the
+    merged weights in place at a block boundary (`swap_in_place`; base + new LoRA, so nothing accumulates):
+    the parameters keep their storage, so no recompile and no recapture; swapping back to this node restores its
+    own LoRA. The KV cache keeps what the previous weights wrote (the stream goes on).
 """
 from __future__ import annotations
 

@@ -134,3 +134,29 @@ def test_lora_swap_rewrites_weights_in_place_without_recompiles(write_graph, tmp
                                           "direct.yaml")), device="cpu").load()
     want = direct.nodes["dit"].model.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in dit.model.state_dict().items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lora_swap_under_cudagraph_replays_the_same_graphs(write_graph, tmp_path):
+    write_longlive_files(tmp_path)
+    engine = Engine(load_plan(write_graph(swap_graph())), device="cuda", dtype="float32", compile="cudagraph").load()
+    ex, dit = engine.executor, engine.nodes["dit"]
+    graphs = {k: id(g) for k, g in ex.graphs.items()}
+    regions = dit.region_compiles
+
+    def on_block(b):
+        if b.index == 1:
+            engine.submit("use_b")
+
+    res = engine.run_session(on_block, max_blocks=4)
+    assert res.ok, res.error
+    assert engine.stats.swaps[-1]["in_place"] and not engine.stats.swaps[-1]["recaptured"]
+    assert {k: id(g) for k, g in ex.graphs.items()} == graphs and ex.recompiles == 0 and ex.replays == 4
+    assert dit.region_compiles == regions
+    # the replayed graphs read the rewritten weights: the same as a node loaded with LoRA b, run eagerly
+    direct = Engine(load_plan(write_graph(TINY.replace(DIT, "config: tiny, weights: longlive_base.pt, "
+                                                            "prefer_ema: false, lora: lora_b.safetensors"),
+                                          "direct.yaml")), device="cuda", dtype="float32").load()
+    want = direct.nodes["dit"].model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in dit.model.state_dict().items())

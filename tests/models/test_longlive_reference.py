@@ -105,7 +105,7 @@ def stream(sink: int, blocks: int, switch_at: int | None = None, *, fpb=2, max_f
     return errs
 
 
-@pytest.mark.parametrize("sink", [0, 2])
+@pytest.mark.parametrize("sink", [pytest.param(0, marks=pytest.mark.slow), 2])  # 0: Self-Forcing's case
 def test_rolling_matches_the_official_loop_over_12_rolled_blocks(sink):
     errs = stream(sink, blocks=3 + 12)
     assert max(errs) < 1e-5, [f"{e:.1e}" for e in errs]

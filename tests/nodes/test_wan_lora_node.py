@@ -34,7 +34,8 @@ def write_longlive_files(tmp_path: Path) -> tuple[dict, dict]:
                 "generator_ema": {f"model.{k}": v for k, v in ema.items()}}, tmp_path / "longlive_base.pt")
     model = WanDiT(WanConfig.tiny())
     lora = peft_lora(model, rank=4, seed=5)
-    torch.save({"generator_lora": lora}, tmp_path / "lora.pt")
+    # as LongLive's trainer saves it: the critic's LoRA beside the generator's (only the latter is used)
+    torch.save({"generator_lora": lora, "critic_lora": peft_lora(model, rank=3, seed=7)}, tmp_path / "lora.pt")
     save_file({k: v.contiguous() for k, v in peft_lora(model, rank=2, seed=6).items()},
               str(tmp_path / "lora_b.safetensors"))
     return gen, lora

@@ -47,9 +47,10 @@ RoPE positions of the cached keys (as the official Self-Forcing and LongLive inf
     stream runs. The sink keeps positions [0, S); the block being made sits at its absolute frames, so the
     query-to-sink distance grows by F every block, as in LongLive. That position lives on the device
     (`KVCache.frame_offset`: the absolute frame of window slot s is s + frame_offset; the roll adds F), so the
-    rolling phase is still one static program; its RoPE angles are evaluated per block from that counter in
+    rolling phase is still one static program; its RoPE angles are evaluated in each pass from that counter in
     float64 (frame band only, [F, bands] values), so no table grows with the stream and precision does not
-    depend on its length. (The official code indexes a 1024-frame table and stops there; this does not.)
+    depend on its length. (The official code indexes a 1024-frame table and stops there; this does not.
+    LongLive's `use_infinite_attention` variant, RoPE by slot from un-rotated cached keys, is not built here.)
 
 Two passes per block (as Self-Forcing)
     1. `denoise_step` (x `num_steps`): the noisy block reads the cache; it never changes any valid entry.

@@ -326,7 +326,14 @@ class WanCausalDiT(Node):
                 for name in self._base.keys() - touched:
                     params[name].copy_(self._base[name])
         self.lora_now = new.name if lora is not None else None
+        self._in_place = None if new is self else new.name
         return True
+
+    @property
+    def swapped_in_place(self) -> bool:
+        """True while a LoRA alternative's weights are in place of this node's own (the engine swaps back when
+        the session ends: a session's swaps end with it)."""
+        return getattr(self, "_in_place", None) is not None
 
     # -- per block --------------------------------------------------------------------------------------
     def forward(self, cond, noise):

@@ -361,6 +361,7 @@ class Engine(HostFeatures):
             if self.wiring is not self.plan.wiring:  # a session's swaps end with it
                 self.use_wiring(self.plan.wiring, recapture=swap.hot_changed(self.plan, self.wiring))
                 self.restart_pending = False  # the next session starts from its beginning anyway
+            swap.restore_in_place(self)
             self.reset_nodes()
             self.commands.drain()  # commands for an ended session must not leak into the next
             node_mod._session.stop_event = None

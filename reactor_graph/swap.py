@@ -106,6 +106,17 @@ def apply(engine: Engine, target: str, new: Node, binds: dict[str, Source]) -> d
     return result
 
 
+def restore_in_place(engine: Engine) -> None:
+    """Swap back the nodes that took a replacement in place (their wiring never changed, so the session's end
+    does not see them): a session's swaps end with it."""
+    for target, declared in engine.plan.nodes.items():
+        if getattr(declared, "swapped_in_place", False):
+            try:
+                apply(engine, target, declared, engine.plan.bindings[target])
+            except Exception:  # noqa: BLE001 - the next session must still start; the log says why
+                log.exception("could not swap '%s' back to its own weights", target)
+
+
 def request(engine: Engine, target: str, alternative: str | None = None, spec: dict | None = None,
             reply: Callable[[dict], None] | None = None) -> None:
     """Thread-safe. Checks now; a node given as a spec is loaded in the background (the session keeps

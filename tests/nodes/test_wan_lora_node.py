@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -111,12 +110,13 @@ def test_lora_swap_rewrites_weights_in_place_without_recompiles(write_graph, tmp
     at_start, regions = dict(ex.compiles), dit.region_compiles
     ptrs = {k: p.data_ptr() for k, p in dit.model.named_parameters()}
     own = {k: v.clone() for k, v in dit.model.state_dict().items()}
-    frames = []
+    during = {}
 
     def on_block(b):
-        frames.append(b.video().astype(np.int16))
         if b.index == 1:
             engine.submit("use_b")
+        if b.index == 2:
+            during.update({k: v.clone() for k, v in dit.model.state_dict().items()})
         if b.index == 3:
             engine.submit("use_a")
 
@@ -128,15 +128,17 @@ def test_lora_swap_rewrites_weights_in_place_without_recompiles(write_graph, tmp
     assert ex.recompiles == 0 and ex.compiles == at_start and dit.region_compiles == regions
     assert engine.nodes["dit"] is dit and {k: p.data_ptr() for k, p in dit.model.named_parameters()} == ptrs
     assert all(torch.equal(v, own[k]) for k, v in dit.model.state_dict().items())  # back exactly
-    # what dit_b's weights are: a node loaded with that LoRA directly
-    engine.submit("use_b")
-    engine.run_session(lambda b: None, max_blocks=1)
+    # while dit_b was in: the weights of a node loaded with that LoRA directly
     direct = Engine(load_plan(write_graph(TINY.replace(DIT, "config: tiny, weights: longlive_base.pt, "
                                                             "prefer_ema: false, lora: lora_b.safetensors"),
                                           "direct.yaml")), device="cpu").load()
     want = direct.nodes["dit"].model.state_dict()
-    assert all(torch.equal(v, want[k]) for k, v in dit.model.state_dict().items())
-
+    assert all(torch.equal(v, want[k]) for k, v in during.items())
+    # a session's swaps end with it: the next session starts from the node's own LoRA
+    res = engine.run_session(lambda b: b.index == 0 and engine.submit("use_b"), max_blocks=2)
+    assert res.ok and engine.stats.swaps[-2]["now"] == "dit_b" and engine.stats.swaps[-1]["now"] == "dit"
+    assert not dit.swapped_in_place and all(torch.equal(v, own[k]) for k, v in dit.model.state_dict().items())
+    assert ex.recompiles == 0 and ex.compiles == at_start
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -151,9 +153,16 @@ def test_lora_swap_under_cudagraph_replays_the_same_graphs(write_graph, tmp_path
         if b.index == 1:
             engine.submit("use_b")
 
-    res = engine.run_session(on_block, max_blocks=4)
+    during = {}
+
+    def capture(b):
+        on_block(b)
+        if b.index == 2:
+            during.update({k: v.clone() for k, v in dit.model.state_dict().items()})
+
+    res = engine.run_session(capture, max_blocks=4)
     assert res.ok, res.error
-    assert engine.stats.swaps[-1]["in_place"] and not engine.stats.swaps[-1]["recaptured"]
+    assert engine.stats.swaps[0]["in_place"] and not engine.stats.swaps[0]["recaptured"]
     assert {k: id(g) for k, g in ex.graphs.items()} == graphs and ex.recompiles == 0 and ex.replays == 4
     assert dit.region_compiles == regions
     # the replayed graphs read the rewritten weights: the same as a node loaded with LoRA b, run eagerly
@@ -161,4 +170,4 @@ def test_lora_swap_under_cudagraph_replays_the_same_graphs(write_graph, tmp_path
                                                             "prefer_ema: false, lora: lora_b.safetensors"),
                                           "direct.yaml")), device="cuda", dtype="float32", compile="eager").load()
     want = direct.nodes["dit"].model.state_dict()
-    assert all(torch.equal(v, want[k]) for k, v in dit.model.state_dict().items())
+    assert all(torch.equal(v, want[k]) for k, v in during.items())

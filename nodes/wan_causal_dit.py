@@ -48,8 +48,9 @@ Compilation
     the engine's trace (`torch.compiler.disable`: one graph break) and has its repeated pieces compiled,
     once each: a layer's pre-attention (`WanBlock.qkv`) and post-attention (`WanBlock.finish`) parts (the
     rolling cache's roll is plain copies: keys keep their RoPE, nothing to compile there). Their shapes do not
-    depend on the phase (attention, whose key length does, runs between them as one SDPA call), so they compile once for all 30 layers and all phases. The
-    engine's CUDA graph then captures the whole block as usual. `region_compiles` counts those compilations.
+    depend on the phase (attention, whose key length does, runs between them as one SDPA call), so they compile
+    once for all 30 layers and all phases. The engine's CUDA graph then captures the whole block as usual.
+    `region_compiles` counts those compilations.
     `compile: whole` lets the engine trace the node like any other (fine for the tiny config).
     The engine compiles the pieces (`compile_regions`, its one torch.compile) with its own backend;
     `compile_backend` is for the node traced outside an engine (default inductor on CUDA, aot_eager elsewhere).

@@ -140,6 +140,16 @@ class Node:
 
     region_compiles: int = 0  # compilations of this node's regions, counted by the engine
 
+    def swap_in_place(self, new: Node) -> bool:
+        """Take `new`'s place by rewriting this node's own state (a LoRA on the same weights): True if done, and
+        then nothing is rewired or recaptured. By default a swap replaces the node."""
+        return False
+
+    @property
+    def swapped_in_place(self) -> bool:
+        """True while this node holds a replacement taken in place (the session's end undoes it)."""
+        return False
+
     def should_stop(self) -> bool:
         return should_stop()
 

@@ -87,7 +87,7 @@ def apply(engine: Engine, target: str, new: Node, binds: dict[str, Source]) -> d
     """At a block boundary: put `new` in place of `target` for this session. Returns the reply."""
     _check(engine, target, new, binds)
     t0 = time.perf_counter()
-    if getattr(engine.nodes[target], "swap_in_place", lambda n: False)(new):
+    if engine.nodes[target].swap_in_place(new):
         # the node rewrote its own weights (a LoRA alternative): same code, same buffers, nothing to recapture
         _sync(engine)
         result = {"ok": True, "node": target, "now": new.name, "recaptured": False, "in_place": True,
@@ -110,7 +110,7 @@ def restore_in_place(engine: Engine) -> None:
     """Swap back the nodes that took a replacement in place (their wiring never changed, so the session's end
     does not see them): a session's swaps end with it."""
     for target, declared in engine.plan.nodes.items():
-        if getattr(declared, "swapped_in_place", False):
+        if declared.swapped_in_place:
             try:
                 apply(engine, target, declared, engine.plan.bindings[target])
             except Exception:  # noqa: BLE001 - the next session must still start; the log says why

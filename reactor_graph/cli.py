@@ -316,6 +316,10 @@ def run(graph: Optional[str] = GRAPH_ARG,
                                                       "(default: 20x the slowest block seen, at least 30 s)"),
         advertise_address: Optional[str] = typer.Option(None, help="the address WebRTC candidates carry "
                                                         "(behind NAT or in a container)"),
+        replicas: int = typer.Option(1, min=1, help="engine replicas behind this address, on Ray Serve (needs "
+                                     "pip install 'reactor-graph[scale]'; docs/scale-out.md)"),
+        ray_address: Optional[str] = typer.Option(None, help="a Ray cluster for the replicas (default: a local "
+                                                  "one, when --replicas > 1)"),
         random_weights: bool = RANDOM_WEIGHTS, weights_dir: Optional[list[Path]] = WEIGHTS_DIR):
     """Serve a graph (or a Reactor manifest.json): a web page, the Reactor JS SDK local protocol, metrics.
 
@@ -331,6 +335,13 @@ def run(graph: Optional[str] = GRAPH_ARG,
         if not is_loopback_host(host) and not token:
             console.print(f"[bold yellow]warning:[/] serving on {host} without a token: anyone who can reach "
                           f"this address can use the model; pass --token (or set REACTOR_GRAPH_TOKEN)")
+        if replicas > 1 or ray_address:
+            _run_replicas(graph, replicas, ray_address, host, port, access, max_seconds, device=device,
+                          dtype=dtype, compile=compile, random_weights=random_weights, weights_dir=weights_dir,
+                          settings=dict(policy=policy, queue_frames=queue_frames,
+                                        max_session_seconds=max_session_seconds, block_timeout=block_timeout,
+                                        advertise_address=advertise_address))
+            return
         engine = _open(graph or str(demo_path()), device, dtype, compile, random_weights, weights_dir=weights_dir)
         code = serve(engine, host=host, port=port, max_seconds=max_seconds, policy=policy,
                      queue_frames=queue_frames, access=access, max_session_seconds=max_session_seconds,
@@ -340,6 +351,19 @@ def run(graph: Optional[str] = GRAPH_ARG,
             console.print("[bold red]error:[/] the engine is stuck in a node that does not return; exiting so "
                           "that a supervisor can restart the server")
             raise typer.Exit(code)
+
+
+def _run_replicas(graph, replicas, ray_address, host, port, access, max_seconds, settings, **engine):
+    """`run --replicas N`: the replicas on Ray Serve behind one front (reactor_graph/scale/)."""
+    try:
+        from .scale.ray_app import serve_replicas
+    except ImportError as exc:
+        raise CommandError("run", f"--replicas/--ray-address need Ray Serve ({exc}); install it with "
+                                  f"pip install 'reactor-graph\\[scale]'", "replicas") from None
+    path = str(Path(graph).resolve()) if graph else str(demo_path())
+    engine["weights_dir"] = [str(Path(p).resolve()) for p in engine.get("weights_dir") or []] or None
+    serve_replicas(path, replicas, ray_address, host, port, access, engine, settings, max_seconds,
+                   announce=lambda url: out.print(f"[bold green]serving[/] {replicas} replicas at {url}"))
 
 
 if __name__ == "__main__":  # pragma: no cover

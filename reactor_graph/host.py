@@ -54,6 +54,10 @@ class HostFeatures:
     Reactor model's own loop may wait for its client for as long as it likes), no model messages."""
 
     on_message: Callable[[Any], None] | None = None
+    # The input side: video tracks the host takes from the client (tracks(), size(name), feed(name, yuv,
+    # arrived), clear(), stats()): an Engine's inputs.InputFeeds; None here (the server wraps a compat
+    # model's on_frame itself: server/media_in.py)
+    inputs: Any = None
 
     def alternatives(self) -> list[dict]:
         return []

@@ -20,6 +20,7 @@ from . import swap
 from .compile import CompiledHotPath, build_executor, phase_keys
 from .devices import resolve_device, resolve_dtype
 from .emit import Block, HostCopier
+from .inputs import InputFeeds
 from .errors import NodeError, ReactorGraphError, SessionError
 from .host import HostFeatures
 from .hot_path import HotPath, run_node
@@ -71,6 +72,7 @@ class Engine(HostFeatures):
         self.wiring: Wiring = plan.wiring  # this session's: the plan's, or what swaps made of it
         self.commands = CommandQueue(plan.commands)
         self.slots = SlotStore(plan.slots)
+        self.inputs = InputFeeds(plan.slots, self.device, self.dtype)  # video/image slots (inputs.py)
         self.stats = Stats()
         self.hot = HotPath(plan, self.wiring)
         self.copier: HostCopier | None = None
@@ -140,6 +142,7 @@ class Engine(HostFeatures):
                 raise NodeError(name, node.type_name, "load", exc) from exc
             self.load_times[name] = time.perf_counter() - t0
         self.copier = HostCopier(self.device)
+        self.inputs.sync(self.slots)  # video/image slots on the device before anything is warmed or captured
         self._warm_alternatives(say)
         say(f"preparing the hot path ({self.mode})")
         self.prepare_executor(progress=say)
@@ -303,6 +306,7 @@ class Engine(HostFeatures):
     def run_block(self, block: int) -> dict[str, Any]:
         """One block: on-change nodes whose inputs moved, then the hot path. Returns the output's values."""
         with torch.inference_mode():
+            self.inputs.sync(self.slots)  # the newest camera frame into its slot (a copy; inputs.py)
             self.run_on_change()
             versions = self.external_versions()
             return self.executor(self.external(), self.phases(block, self.changed_inputs(versions)), versions)
@@ -362,6 +366,7 @@ class Engine(HostFeatures):
                 self.use_wiring(self.plan.wiring, recapture=swap.hot_changed(self.plan, self.wiring))
                 self.restart_pending = False  # the next session starts from its beginning anyway
             swap.restore_in_place(self)
+            self.inputs.clear()  # a client's camera frames end with its session
             self.reset_nodes()
             self.commands.drain()  # commands for an ended session must not leak into the next
             node_mod._session.stop_event = None

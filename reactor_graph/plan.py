@@ -19,7 +19,8 @@ from .node import GraphInfo, Node, Port, registry, resolve_type
 from .slots import RESET, Command, slot_value
 from .spec import SLOT_REF, LoadedSpec, NodeSpec, SlotSpec, load_spec, near, pydantic_issues
 
-_KIND_OF_SLOT = {"str": "str", "int": "int", "float": "float", "bool": "bool", "tensor": "tensor"}
+_KIND_OF_SLOT = {"str": "str", "int": "int", "float": "float", "bool": "bool", "tensor": "tensor",
+                 "video": "tensor", "image": "tensor"}
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,11 @@ def _shape_issue(out_port: Port, in_port: Port, binds: dict[str, Any], producer:
 
 def _slot_port(spec: SlotSpec) -> Port:
     shape = tuple(spec.shape) if spec.shape is not None else None
-    return Port(_KIND_OF_SLOT[spec.type], "float" if spec.type == "tensor" else None, shape)
+    if spec.type in ("video", "image"):  # inputs.py
+        from .inputs import slot_shape
+
+        shape = slot_shape(spec)
+    return Port(_KIND_OF_SLOT[spec.type], "float" if _KIND_OF_SLOT[spec.type] == "tensor" else None, shape)
 
 
 def instantiate(ls: LoadedSpec, section: str, name: str, ns: NodeSpec, info: GraphInfo,
@@ -255,7 +260,8 @@ def _check_commands(ls: LoadedSpec, nodes: dict[str, Node], alts: dict[str, Node
                             except (ValueError, TypeError, RuntimeError) as exc:
                                 issues.append(ls.issue(base + ("map", pname, str(choice)), f"slot '{slot}': {exc}"))
                     continue
-                ok = pspec.type == sspec.type or (pspec.type == "int" and sspec.type == "float")
+                ok = pspec.type == sspec.type or (pspec.type == "int" and sspec.type == "float") \
+                    or (pspec.type == "image" and sspec.type == "video")  # a still while no camera is live
                 if not ok:
                     issues.append(ls.issue(path, f"slot '{slot}' holds {sspec.type} but parameter '{pname}' is "
                                                  f"{pspec.type}; use a {sspec.type} parameter or a 'map'"))

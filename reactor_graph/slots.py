@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .errors import CommandError
+from .inputs import IMAGE_PARAM, MEDIA_TYPES, media_value
 from .spec import CommandSpec, ParamSpec, SlotSpec
 
 _PY_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
@@ -23,6 +24,8 @@ RESET = "reset"
 
 def slot_value(spec: SlotSpec, value: Any) -> Any:
     """Coerce a value to what the slot holds; raises ValueError naming what was expected."""
+    if spec.type in MEDIA_TYPES:  # video / image slots: reactor_graph/inputs.py
+        return media_value(spec, value)
     if spec.type == "tensor":
         t = torch.as_tensor(value, dtype=torch.float32)
         if spec.shape is not None and list(t.shape) != list(spec.shape):
@@ -40,7 +43,7 @@ def params_model(name: str, params: dict[str, ParamSpec]) -> type[BaseModel]:
     """A pydantic model for a command's params; its JSON schema is what clients are shown."""
     fields: dict[str, Any] = {}
     for pname, p in params.items():
-        typ: Any = _PY_TYPES[p.type]
+        typ: Any = IMAGE_PARAM if p.type == "image" else _PY_TYPES[p.type]
         if p.enum:
             typ = Literal[tuple(p.enum)]
         kw = {k: getattr(p, k) for k in ("min_length", "max_length", "ge", "le") if getattr(p, k) is not None}
@@ -70,7 +73,7 @@ class Command:
         except ValidationError as err:
             e = err.errors()[0]
             field_name = ".".join(str(p) for p in e["loc"]) or None
-            msg = e["msg"]
+            msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "extra_forbidden":
                 msg = f"unknown parameter; this command takes: {', '.join(self.model.model_fields) or 'nothing'}"
             elif e["type"] == "missing":
@@ -79,7 +82,7 @@ class Command:
 
     def writes(self, params: BaseModel) -> dict[str, Any]:
         """Slot name -> new raw value, with '$param' replaced and declared mappings applied."""
-        values = params.model_dump()
+        values = {k: getattr(params, k) for k in type(params).model_fields}  # as validated (an image stays one)
         out = {}
         for slot, template in self.spec.set.items():
             if isinstance(template, str) and template.startswith("$"):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import GraphError, Issue
 
@@ -114,7 +114,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-SlotType = Literal["str", "int", "float", "bool", "tensor"]
+SlotType = Literal["str", "int", "float", "bool", "tensor", "video", "image"]
 
 
 class SlotSpec(_Strict):
@@ -122,12 +122,22 @@ class SlotSpec(_Strict):
     default: Any = Field(None, description="value a session starts with")
     shape: list[int] | None = Field(None, description="for tensor slots: fixed shape")
     description: str = ""
+    # video / image slots (reactor_graph/inputs.py): [T, 3, H, W] pictures in [-1, 1]
+    size: tuple[int, int] | None = Field(None, description="video/image slots: [height, width] (even)")
+    fps: float | None = Field(None, gt=0, le=240, description="video slots: the rate the track is expected at")
+    frames: int | None = Field(None, ge=1, le=64, description="video slots: newest frames per block (T)")
+
+    @model_validator(mode="after")
+    def _media(self):
+        from .inputs import check_media_spec
+
+        return check_media_spec(self)
 
 
 class ParamSpec(_Strict):
     """One command parameter; becomes a pydantic field (and so a JSON schema for clients)."""
 
-    type: Literal["str", "int", "float", "bool"]
+    type: Literal["str", "int", "float", "bool", "image"]  # image: an upload (FileRef) or base64
     description: str = ""
     default: Any = None
     enum: list[Any] | None = None

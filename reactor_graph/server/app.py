@@ -111,6 +111,7 @@ class Server:
             r.add_put(prefix + SESSION + "/sdp_params", self.sdp_offer)
             r.add_get(prefix + SESSION + "/sdp_params", self.sdp_answer)
             r.add_post(prefix + "/sessions/{session_id}/uploads", self.uploads)
+            r.add_put(prefix + "/sessions/{session_id}/uploads/{upload_id}", self.upload_put)
             r.add_get(prefix + "/health", self.health)
             r.add_get(prefix + "/metrics", self.prometheus)
             r.add_get(prefix + "/api/commands", self.api_commands)
@@ -204,8 +205,39 @@ class Server:
         return web.json_response({"sdp_answer": client.answer})
 
     async def uploads(self, request: web.Request) -> web.Response:
+        """The SDK's uploadFile, step 1: allocate an upload; the PUT address is this server's (uploads.py)."""
+        from .uploads import UploadError
+
+        client = self._client(request)
+        try:
+            body = await request.json()
+            up = self.manager.uploads.create(client.id, body)
+        except (ValueError, UnicodeDecodeError):
+            return self._upload_refused(UploadError(400, "the body must be JSON: {name, size, mime_type}"))
+        except UploadError as exc:
+            return self._upload_refused(exc)
+        token = request.match_info.get("token")
+        base = f"{request.scheme}://{request.host}" + (f"/auth/{token}" if token else "")
+        return web.json_response({"presigned_id": up.id, "path": f"uploads/{up.id}",
+                                  "presigned_url": f"{base}/sessions/{client.id}/uploads/{up.id}"})
+
+    async def upload_put(self, request: web.Request) -> web.Response:
+        """Step 2: the file's bytes (uploadFile's PUT), checked and kept for this session only."""
+        from .uploads import UploadError
+
+        client = self._client(request)
+        try:
+            await self.manager.uploads.receive(client.id, request.match_info["upload_id"], request.content,
+                                               request.content_length)
+        except UploadError as exc:
+            return self._upload_refused(exc)
+        self.metrics.inc("uploads_total", result="received")
+        return web.json_response({"ok": True})
+
+    def _upload_refused(self, exc) -> web.Response:
+        self.metrics.inc("uploads_total", result=str(exc.status))
         self.metrics.inc("http_errors_total", route="uploads")
-        return _text_error(404, "file uploads are not supported by this server")
+        return _text_error(exc.status, str(exc))
 
     # -- ours ---------------------------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:

@@ -26,6 +26,7 @@ class Dispatcher:
         self._commands = commands
         self._position = position
         self._loop: asyncio.AbstractEventLoop | None = None  # replies from the engine's thread hop onto it
+        self.uploads = None  # the manager's UploadStore (uploads.py): FileRefs in commands, fileUploaded
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -74,9 +75,12 @@ class Dispatcher:
             client.send(P.runtime(P.MODEL_CAPABILITIES, caps))
         elif env.type == P.SWAP_NODE:
             self._swap(client, env.data)
-        elif env.type == P.FILE_UPLOADED:
-            self.metrics.inc("messages_rejected_total", code="unsupported")
-            client.send(P.error_message("unsupported", "file uploads are not supported by this server"))
+        elif env.type == P.FILE_UPLOADED:  # the SDK's note after uploadFile's PUT; nothing to do but check it
+            data = env.data if isinstance(env.data, dict) else {}
+            try:
+                self.uploads.get(client.id, data.get("upload_id"))
+            except Exception:  # noqa: BLE001
+                client.send(P.error_message("unknown_upload", "fileUploaded names no upload of this session"))
         else:
             self.metrics.inc("messages_rejected_total", code="unknown_runtime")
             client.send(P.error_message("unknown_runtime", f"unknown runtime message {env.type[:60]!r}; known: "
@@ -115,6 +119,10 @@ class Dispatcher:
             client.send(P.runtime(P.SWAP_RESULT, {"node": node, "ok": False, "error": str(exc)}))
 
     def _command(self, client: Client, env: P.Envelope) -> None:
+        if env.uploads is not None and self.uploads is not None:  # FileRefs: decoded off the loop, then submitted
+            task = asyncio.ensure_future(self._command_with_uploads(client, env))
+            client.tasks.append(task)
+            return
         name = env.type[:100]
         if client.state != "active":
             pos = self._position(client)
@@ -138,3 +146,13 @@ class Dispatcher:
             self.metrics.inc("commands_total", result="rejected")
             client.send(P.command_result(name, False, "the server could not handle this command (its log says "
                                          "why)", None, "internal error"))
+
+    async def _command_with_uploads(self, client: Client, env: P.Envelope) -> None:
+        try:
+            data = await self.uploads.resolve(client.id, env.data, env.uploads)
+        except (ValueError, OSError) as exc:
+            self.metrics.inc("commands_total", result="rejected")
+            field_name = next(iter(env.uploads), None) if isinstance(env.uploads, dict) else None
+            client.send(P.command_result(env.type[:100], False, str(exc), field_name and str(field_name)[:100]))
+            return
+        self._command(client, P.Envelope(env.scope, env.type, data))

@@ -104,7 +104,9 @@ class Metrics:
                 ("sessions_ended_total", "counter", "Sessions and waits ended, by reason."),
                 ("commands_total", "counter", "Commands received, by result."),
                 ("messages_rejected_total", "counter", "Data-channel messages refused, by code."),
-                ("http_errors_total", "counter", "HTTP requests answered with an error, by route kind.")):
+                ("http_errors_total", "counter", "HTTP requests answered with an error, by route kind."),
+                ("input_frames_total", "counter", "Frames received on published tracks, by track and result."),
+                ("uploads_total", "counter", "File uploads, by result.")):
             samples = [(dict(labels), v) for (n, labels), v in sorted(counters.items()) if n == name]
             metric(name, kind, help_, samples or [({}, 0)])
         return "\n".join(out) + "\n"

@@ -49,6 +49,7 @@ class Envelope:
     scope: str
     type: str
     data: Any
+    uploads: Any = None  # {param: {upload_id, name, mime_type, size}}: FileRefs the SDK moved out of data
 
 
 def parse_envelope(raw: Any, max_bytes: int) -> Envelope:
@@ -71,7 +72,7 @@ def parse_envelope(raw: Any, max_bytes: int) -> Envelope:
     kind = inner.get("type")
     if not isinstance(kind, str) or not kind:
         raise ProtocolError("bad_envelope", f"'data.type' must be a non-empty string, got {_short(kind)}")
-    return Envelope(scope, kind, inner.get("data"))
+    return Envelope(scope, kind, inner.get("data"), inner.get("uploads"))
 
 
 def _short(value: Any) -> str:
@@ -146,6 +147,8 @@ def flat_schema(schema: dict | None) -> dict[str, dict]:
             desc["minimum"] = lo
         if isinstance(hi, (int, float)) and not isinstance(hi, bool):
             desc["maximum"] = hi
+        if prop.get("format") == "image":  # an image param: a FileRef or base64 (our page offers an upload)
+            desc["format"] = "image"
         for key in ("minLength", "maxLength"):
             if isinstance(prop.get(key), int):
                 desc[key] = prop[key]
@@ -200,7 +203,7 @@ def sdk_commands(schemas: list[dict]) -> list[dict]:
 # -- HTTP bodies ------------------------------------------------------------------------------------------
 
 def session_response(session_id: str, model: str, model_version: str | None, server_version: str,
-                     commands: list[dict], fps: float | None) -> dict:
+                     commands: list[dict], fps: float | None, inputs: list[str] = ()) -> dict:
     """`POST /start_session`'s answer: zod SessionResponseSchema, with the parts local mode needs in practice."""
     model_info: dict[str, Any] = {"name": model}
     if model_version:
@@ -214,7 +217,9 @@ def session_response(session_id: str, model: str, model_version: str | None, ser
         "selected_transport": {"protocol": "webrtc", "version": WEBRTC_VERSION},
         "capabilities": {
             "protocol_version": "1.0",
-            "tracks": [{"name": MAIN_TRACK, "kind": "video", "direction": "recvonly"}],
+            "tracks": [{"name": MAIN_TRACK, "kind": "video", "direction": "recvonly"},
+                       # video slots: the client publishes these (publishTrack / WebcamStream)
+                       *({"name": n, "kind": "video", "direction": "sendonly"} for n in inputs)],
             "commands": commands,
             "emission_fps": fps,
         },

@@ -28,9 +28,11 @@ from . import protocol as P
 from . import rtc_guards
 from .clients import Client, Settings
 from .dispatch import Dispatcher
+from .media_in import InboundMedia
 from .metrics import Metrics
 from .negotiation import close_pc, discard, flush
 from .tracks import BlockVideoTrack
+from .uploads import UploadStore
 
 __all__ = ["Client", "SessionManager", "Settings"]
 
@@ -58,6 +60,8 @@ class SessionManager:
         self._background: set[asyncio.Task] = set()  # ends started from transport events
         self._commands = P.sdk_commands(host.command_schemas())
         self.dispatch = Dispatcher(host, self.settings, self.metrics, self._commands, self.position)
+        self.media = InboundMedia(host, self.metrics)  # published tracks -> video slots (media_in.py)
+        self.uploads = self.dispatch.uploads = UploadStore()  # the SDK's uploadFile, per session (uploads.py)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -78,6 +82,7 @@ class SessionManager:
                              return_exceptions=True)
         if self._background:  # ends already under way (a client that left just before)
             await asyncio.wait(list(self._background), timeout=self.settings.stop_timeout + 6)
+        self.uploads.close()
 
     @property
     def commands(self) -> list[dict]:
@@ -108,7 +113,7 @@ class SessionManager:
 
     def session_response(self, client: Client) -> dict:
         return P.session_response(client.id, str(self.host.name), getattr(self.host, "version", None),
-                                  self.server_version, self._commands, float(self.host.fps))
+                                  self.server_version, self._commands, float(self.host.fps), self.media.tracks())
 
     def resolve_stop(self, session_id: str | None) -> Client | None:
         """`POST /stop_session` from the SDK carries no id: then stop the one client, if there is only one."""
@@ -136,6 +141,7 @@ class SessionManager:
                 sender.replaceTrack(None)  # or its sender would stop our track (and its clock) on the way out
             await close_pc(old_pc)
         self._wire(client, pc)
+        self.media.expect(pc, mapping)
         try:
             answer = await negotiation.answer(pc, sdp, mapping, track)
         except P.OfferError:
@@ -189,8 +195,9 @@ class SessionManager:
             self._spawn(self.promote())
 
         @pc.on("track")
-        def on_track(remote):  # a track the client publishes (a webcam): read and discard it
-            client.tasks.append(asyncio.ensure_future(discard(remote)))
+        def on_track(remote):  # a track the client publishes: into its video slot, or read and discarded
+            reader = self.media.receive(client, pc, remote, lambda: self.active is client)
+            client.tasks.append(asyncio.ensure_future(reader or discard(remote)))
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -286,8 +293,10 @@ class SessionManager:
             client.track.close_producer()  # a lossless producer waiting for room lets go now
         self.metrics.inc("sessions_ended_total", reason=_reason_label(reason))
         client.send(P.runtime(P.SESSION_ENDED, {"reason": reason, "error": error}))
+        self.uploads.drop(client.id)  # a session's uploads end with it
         if was_active:
             self.active = None
+            self.media.ended()
             loop = asyncio.get_running_loop()
             try:
                 await loop.run_in_executor(None, self.host.stop, self.settings.stop_timeout)
@@ -404,6 +413,9 @@ class SessionManager:
         out = {"model": self.host.name, "target_fps": float(self.host.fps), "policy": self.settings.policy,
                "block_ms": round(self.metrics.last_block_s * 1000, 2), "blocks": self.host.stats.blocks,
                "waiting": len(self.waiting), "queue_capacity": self.settings.queue_frames}
+        inputs = self.media.stats()
+        if inputs:
+            out["inputs"] = inputs  # per video slot: camera or default, frames received/used, latency
         if track is not None:
             dt = max(1e-6, now - c.last_stats)
             out.update(fps=round((track.sent - c.last_sent) / dt, 2), queue_depth=track.depth,

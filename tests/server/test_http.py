@@ -68,7 +68,7 @@ def test_routes_and_status_codes(served, arun):
                 assert r.status == 404 and r.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
             async with http.post(f"{served.url}/sessions/{s['session_id']}/uploads",
                                  json={"name": "a", "size": 1, "mime_type": "x"}) as r:
-                assert r.status == 404 and "not supported" in await r.text()
+                assert r.status == 415 and "image uploads only" in await r.text()  # tests/server/test_inputs.py
             async with http.post(served.url + "/stop_session", json={"session_id": s["session_id"]}) as r:
                 assert (await r.json())["stopped"] == s["session_id"]
             async with http.get(base + "/ice_servers") as r:

@@ -1,0 +1,207 @@
+"""Inbound video: the tracks a client publishes (SDK `publishTrack(name, track)`, `<WebcamStream>`) into the
+host's video slots.
+
+The session response declares one `{name, kind: "video", direction: "sendonly"}` track per video slot (the
+direction is the client's: it sends). The client's offer maps each to a mid; the server's transceiver for
+it receives. Frames are read as they arrive, resized (scaled to cover, centre-cropped: the aspect ratio is
+kept) and converted to yuv420p at the slot's declared size by libswscale here, and put into the host's
+latest-frame buffer; the engine converts the newest to RGB on its device at the next block boundary
+(reactor_graph/inputs.py). Only the client in session feeds the model; a waiting client's frames are read
+and dropped, so its connection stays healthy. A frame that cannot be used (an absurd size, a conversion
+error) is counted and dropped; the track goes on.
+
+A Reactor compat host (one with `push_frame`) gets its model's `on_frame(frame)` (RGB [H, W, 3] uint8 at the
+model's size) for each frame, from a thread of its own that always delivers the newest frame.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import weakref
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("reactor_graph.server")
+
+MAX_INBOUND_PIXELS = 4096 * 2160  # a decoded frame larger than 4K is refused (the codec would allow more)
+
+
+def to_yuv420p(frame: Any, h: int, w: int) -> np.ndarray:
+    """An av.VideoFrame -> yuv420p [h*3//2, w] uint8: scaled to cover h x w, centre-cropped."""
+    fw, fh = frame.width, frame.height
+    if fw <= 0 or fh <= 0 or fw * fh > MAX_INBOUND_PIXELS:
+        raise ValueError(f"a {fw}x{fh} frame is outside what this server takes (at most {MAX_INBOUND_PIXELS} pixels)")
+    scale = max(w / fw, h / fh)
+    sw, sh = max(w, 2 * round(fw * scale / 2)), max(h, 2 * round(fh * scale / 2))
+    if (sw, sh) == (w, h) and frame.format.name == "yuv420p" and (fw, fh) == (w, h):
+        scaled = frame
+    else:
+        scaled = frame.reformat(width=sw, height=sh, format="yuv420p", interpolation="BILINEAR")
+    planes = scaled.to_ndarray()  # [sh*3//2, sw], planes packed
+    if (sw, sh) == (w, h):
+        return np.ascontiguousarray(planes)
+    top, left = ((sh - h) // 2) & ~1, ((sw - w) // 2) & ~1
+    y = planes[:sh].reshape(sh, sw)[top:top + h, left:left + w]
+    chroma = planes[sh:].reshape(-1)
+    q = (sh // 2) * (sw // 2)
+    u = chroma[:q].reshape(sh // 2, sw // 2)[top // 2:(top + h) // 2, left // 2:(left + w) // 2]
+    v = chroma[q:2 * q].reshape(sh // 2, sw // 2)[top // 2:(top + h) // 2, left // 2:(left + w) // 2]
+    return np.concatenate([y.reshape(-1), u.reshape(-1), v.reshape(-1)]).reshape(h * 3 // 2, w)
+
+
+def yuv_to_rgb_hwc(yuv: np.ndarray) -> np.ndarray:
+    import av
+
+    h = yuv.shape[0] * 2 // 3
+    frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+    return frame.to_ndarray(format="rgb24")[:h]
+
+
+class CompatFeed:
+    """`inputs` for a compat ModelHost: newest frame -> model.on_frame in a thread of its own."""
+
+    def __init__(self, host: Any, names: list[str]):
+        self.host, self.names = host, names
+        self._cond = threading.Condition()
+        self._latest: tuple[str, np.ndarray] | None = None
+        self._thread: threading.Thread | None = None
+        self.received = 0
+        self.delivered = 0
+        self.errors = 0
+
+    def tracks(self) -> list[str]:
+        return list(self.names)
+
+    def size(self, name: str) -> tuple[int, int]:
+        return int(self.host.height), int(self.host.width)
+
+    def feed(self, name: str, yuv: np.ndarray, arrived: float | None = None) -> None:
+        with self._cond:
+            self._latest = (name, yuv)
+            self.received += 1
+            self._cond.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._deliver, name="reactor-model-frames", daemon=True)
+                self._thread.start()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._latest = None
+
+    def stats(self) -> dict:
+        return {n: {"state": "camera" if self.received else "default", "received": self.received,
+                    "used": self.delivered, "errors": self.errors} for n in self.names}
+
+    def _deliver(self) -> None:
+        while True:
+            with self._cond:
+                while self._latest is None:
+                    self._cond.wait()
+                name, yuv = self._latest
+                self._latest = None
+            try:
+                self.host.push_frame(yuv_to_rgb_hwc(yuv), name)
+                self.delivered += 1
+            except Exception:  # noqa: BLE001 - a model's on_frame that fails must not stop the feed
+                self.errors += 1
+                log.exception("the model's on_frame failed")
+
+
+def host_inputs(host: Any) -> Any:
+    """The host's input side: an Engine's `inputs`; for a compat host, a CompatFeed over its push_frame (made
+    once); None when the host takes no video."""
+    inputs = getattr(host, "inputs", None)
+    if inputs is not None:
+        return inputs
+    if not callable(getattr(host, "push_frame", None)):
+        return None
+    model, driver = getattr(host, "model", None), getattr(host, "driver", None)
+    names: list[str] = []
+    if driver is not None and getattr(driver, "bundles", False):
+        names = list(driver.video_inputs(model))
+    elif model is not None and _overrides_on_frame(model):
+        names = ["webcam"]
+    feed = CompatFeed(host, names) if names else None
+    try:
+        host.inputs = feed
+    except AttributeError:
+        pass
+    return feed
+
+
+def _overrides_on_frame(model: Any) -> bool:
+    fn = getattr(type(model), "on_frame", None)
+    if fn is None:
+        return False
+    for base in type(model).__mro__[1:]:
+        if getattr(base, "on_frame", None) is fn:
+            return False  # inherited unchanged from the API's no-op
+    return True
+
+
+class InboundMedia:
+    """Reads the tracks clients publish and feeds the host's input side (from the event loop)."""
+
+    def __init__(self, host: Any, metrics: Any):
+        self.host, self.metrics = host, metrics
+        self.inputs = host_inputs(host)
+        self._names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pc -> {mid: declared name}
+
+    def tracks(self) -> list[str]:
+        return self.inputs.tracks() if self.inputs is not None else []
+
+    def expect(self, pc: Any, mapping: list) -> None:
+        """An offer's track_mapping: which of its mids carry which published track."""
+        declared = set(self.tracks())
+        self._names[pc] = {e.mid: e.name for e in mapping
+                               if e.direction == "sendonly" and e.kind == "video" and e.name in declared}
+
+    def receive(self, client: Any, pc: Any, remote: Any, is_active) -> Any | None:
+        """A coroutine reading `remote` into its slot, or None when it is not a declared input."""
+        names = self._names.get(pc, {})
+        mid = next((t.mid for t in pc.getTransceivers() if t.receiver.track is remote), None)
+        name = names.get(mid)
+        if name is None or remote.kind != "video":
+            return None
+        return self._read(client, name, remote, is_active)
+
+    async def _read(self, client: Any, name: str, remote: Any, is_active) -> None:
+        h, w = self.inputs.size(name)
+        warned = False
+        while True:
+            try:
+                frame = await remote.recv()
+            except Exception:  # noqa: BLE001 - MediaStreamError when it ends, CancelledError at close
+                return
+            arrived = time.perf_counter()
+            if not is_active():
+                self.metrics.inc("input_frames_total", track=name, result="not_in_session")
+                continue
+            try:
+                big = frame.width * frame.height > 640 * 480 or h * w > 256 * 256
+                yuv = await asyncio.to_thread(to_yuv420p, frame, h, w) if big else to_yuv420p(frame, h, w)
+                self.inputs.feed(name, yuv, arrived)
+            except Exception as exc:  # noqa: BLE001 - a bad frame is dropped; the track goes on
+                self.metrics.inc("input_frames_total", track=name, result="rejected")
+                if not warned:
+                    warned = True
+                    from . import protocol as P
+
+                    client.send(P.error_message("bad_frame", f"a frame on track {name!r} was dropped: "
+                                                f"{str(exc)[:160]}", track=name))
+                continue
+            self.metrics.inc("input_frames_total", track=name, result="used")
+            await asyncio.sleep(0)
+
+    def ended(self) -> None:
+        """The session in progress ended: its frames must not reach the next one."""
+        if self.inputs is not None:
+            self.inputs.clear()
+
+    def stats(self) -> dict:
+        if self.inputs is None or not hasattr(self.inputs, "stats"):
+            return {}
+        return self.inputs.stats()

@@ -199,13 +199,10 @@ class LatestFrames:
         self._lock = threading.Lock()
         self._seq = 0
         self.received = 0
-        self.dropped = 0  # overwritten before any block read them
 
     def put(self, yuv: np.ndarray, arrived: float | None = None) -> None:
         with self._lock:
             self._seq += 1
-            if len(self._frames) == self._frames.maxlen:
-                self.dropped += 1
             self._frames.append(Frame(yuv, time.perf_counter() if arrived is None else arrived, self._seq))
             self.received += 1
 
@@ -232,6 +229,7 @@ class VideoFeed:
     used_seq: int = 0
     live: bool = False
     used: int = 0  # blocks that read a new camera frame
+    skipped: int = 0  # frames a newer one replaced before any block read them (read mode latest)
     latency: deque = field(default_factory=lambda: deque(maxlen=256))  # frame arrival -> block start, s
 
 
@@ -270,7 +268,7 @@ class InputFeeds:
         for n, f in self.feeds.items():
             lat = sorted(f.latency)
             out[n] = {"state": "camera" if f.live else "default", "received": f.buffer.received,
-                      "used": f.used, "dropped": f.buffer.dropped,
+                      "used": f.used, "skipped": f.skipped,
                       "latency_ms_p50": round(lat[len(lat) // 2] * 1000, 2) if lat else None}
         return out
 
@@ -309,6 +307,7 @@ class InputFeeds:
             changed = frames[-1].seq != f.used_seq or written or not f.live
             if changed:
                 self._upload(f, frames)
+                f.skipped += max(0, frames[-1].seq - f.used_seq - len(frames)) if f.used_seq else 0
                 f.used_seq = frames[-1].seq
                 f.used += 1
                 f.latency.append(now - frames[-1].arrived)

@@ -237,7 +237,10 @@ class Server:
     def _upload_refused(self, exc) -> web.Response:
         self.metrics.inc("uploads_total", result=str(exc.status))
         self.metrics.inc("http_errors_total", route="uploads")
-        return _text_error(exc.status, str(exc))
+        # the SDK's uploadFile shows only the status line ("File upload failed: 415 <reason>"), so the reason
+        # rides there too (printable ASCII)
+        reason = "".join(ch if " " <= ch <= "~" else "?" for ch in str(exc))[:200]
+        return web.Response(status=exc.status, reason=reason, text=str(exc), content_type="text/plain")
 
     # -- ours ---------------------------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:

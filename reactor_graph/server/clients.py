@@ -15,6 +15,7 @@ from .tracks import POLICIES, BlockVideoTrack
 class Settings:
     policy: str = "lossless"  # frame queue: lossless (the engine waits for the stream) | latest (drop oldest)
     queue_frames: int = 8  # frame queue capacity (0.5 s at 16 fps)
+    input_queue_frames: int = 2  # ... when the model takes the client's camera: latency over smoothness
     ping_timeout: float = 8.0  # no message for this long: the client is gone (the SDK pings every 5 s)
     connect_timeout: float = 15.0  # offer answered but no connection + open data channel after this long
     offer_timeout: float = 5.0  # start_session but no SDP offer after this long: the place is lost

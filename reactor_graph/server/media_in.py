@@ -153,6 +153,13 @@ class InboundMedia:
     def tracks(self) -> list[str]:
         return self.inputs.tracks() if self.inputs is not None else []
 
+    def queue_frames(self, settings: Any) -> int:
+        """The outgoing frame queue's capacity: short when the picture follows the client's camera (what the
+        queue holds is latency between the camera and what the client sees)."""
+        if self.tracks():
+            return max(1, min(settings.queue_frames, settings.input_queue_frames))
+        return settings.queue_frames
+
     def expect(self, pc: Any, mapping: list) -> None:
         """An offer's track_mapping: which of its mids carry which published track."""
         declared = set(self.tracks())

@@ -134,7 +134,7 @@ class SessionManager:
         track = client.track
         if track is None or track.readyState != "live":
             track = BlockVideoTrack(self.host.fps, self.host.height, self.host.width,
-                                    policy=self.settings.policy, capacity=self.settings.queue_frames)
+                                    policy=self.settings.policy, capacity=self.media.queue_frames(self.settings))
         client.pc, client.track, client.channel, client.connected = pc, track, None, False
         if old_pc is not None:  # a reconnect: the old connection's events no longer count
             for sender in old_pc.getSenders():

@@ -19,7 +19,9 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--no-default-browser-check", "--mute-audio",
          "--autoplay-policy=no-user-gesture-required", "--allow-loopback-in-peer-connection",
-         "--remote-debugging-port=0"]
+         "--remote-debugging-port=0",
+         # a camera for getUserMedia (Chromium's test pattern), granted without a prompt
+         "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 
 
 def find_chromium() -> str | None:

@@ -153,3 +153,139 @@ async def _ended_reasons(url: str) -> dict:
             reason = line.split('reason="')[1].split('"')[0]
             out[reason] = float(line.split()[-1])
     return out
+
+
+CAMERA_GRAPH = """\
+reactor-graph: 1
+name: camera
+size: [32, 32]
+fps: 16
+device: cpu
+slots:
+  camera: {type: video, size: [32, 32]}
+commands:
+  set_image:
+    description: Show a picture while no camera is live
+    params: {image: {type: image}}
+    set: {camera: $image}
+nodes:
+  out:
+    type: emit
+    in: {frames: $slots.camera}
+"""
+
+# the mean RGB of what the SDK's main_video shows now, read back from a canvas
+MEAN_RGB = """(() => {
+  const v = document.getElementById('video');
+  const c = document.createElement('canvas'); c.width = v.videoWidth; c.height = v.videoHeight;
+  if (!c.width) return null;
+  const g = c.getContext('2d'); g.drawImage(v, 0, 0);
+  const d = g.getImageData(0, 0, c.width, c.height).data; const m = [0, 0, 0];
+  for (let i = 0; i < d.length; i += 4) { m[0] += d[i]; m[1] += d[i + 1]; m[2] += d[i + 2]; }
+  return m.map(x => x / (d.length / 4));
+})()"""
+
+# a canvas track whose colour the test sets (window.__paint), published with the SDK's own publishTrack
+CANVAS_TRACK = """(() => {
+  const c = document.createElement('canvas'); c.width = 160; c.height = 120;
+  const g = c.getContext('2d');
+  window.__paint = (colour) => { window.__colour = colour; window.__painted = performance.now(); };
+  window.__paint('rgb(255,0,0)');
+  const draw = () => { g.fillStyle = window.__colour; g.fillRect(0, 0, 160, 120); requestAnimationFrame(draw); };
+  draw(); setInterval(() => { g.fillStyle = window.__colour; g.fillRect(0, 0, 160, 120); }, 20);
+  window.__canvasTrack = c.captureStream(30).getVideoTracks()[0];
+  return true;
+})()"""
+
+
+def test_reactor_js_sdk_publishes_a_camera_and_uploads_an_image(tiny_engine, serve_engine, chromium, arun):
+    """The real SDK 2.9.0: publishTrack('camera', ...) with a canvas track and with Chromium's fake camera
+    feeds the graph's video slot (the output follows it, and is black without it); uploadFile + sendCommand
+    sets a still; a junk upload is refused."""
+    bundle = _bundle()
+    served = serve_engine(tiny_engine(CAMERA_GRAPH), ping_timeout=15, connect_timeout=15)
+    engine = served.engine
+
+    async def main():
+        runner, origin = await _static_site({"index.html": BROWSER_DIR / "sdk_page" / "index.html",
+                                             "sdk_page.js": bundle})
+        try:
+            async with chromium() as b:
+                await b.goto(f"{origin}/index.html?api={served.url}")
+                await b.wait_js("window.__sdk && window.__sdk.status === 'ready'", 40, "SDK status ready")
+                await b.wait_js("window.__sdk.frames > 3", 30, "SDK frames")
+                rgb = await b.wait_js(MEAN_RGB, 10, "a picture")
+                assert max(rgb) < 10, rgb  # no camera yet: the slot's default (black)
+                # a canvas track, through the SDK's publishTrack
+                await b.js(CANVAS_TRACK)
+                await b.js("reactor.publishTrack('camera', window.__canvasTrack)")
+                await b.wait_js(f"(() => {{ const m = {MEAN_RGB}; return m && m[0] > 180 && m[1] < 70; }})()", 20,
+                                "the output to turn red with the published canvas")
+                # latency: the canvas changes colour -> the first decoded SDK frame showing it (checked on every
+                # frame the page's <video> presents, requestVideoFrameCallback)
+                await b.js(f"""(() => {{
+                    const v = document.getElementById('video');
+                    const tick = () => {{
+                        if (window.__want) {{ const m = {MEAN_RGB}; if (m && window.__want(m)) {{
+                            window.__seen = performance.now() - window.__painted; window.__want = null; }} }}
+                        v.requestVideoFrameCallback(tick);
+                    }};
+                    v.requestVideoFrameCallback(tick); return true; }})()""")
+                latencies = []
+                for colour, test in (("rgb(0,255,0)", "m[1] > 180 && m[0] < 70"), ("rgb(0,0,255)", "m[2] > 180 && m[1] < 70"),
+                                     ("rgb(255,255,255)", "m[0] > 180 && m[2] > 180"), ("rgb(255,0,0)", "m[0] > 180 && m[1] < 70")) * 3:
+                    await b.js(f"window.__seen = null; window.__want = (m) => {test}; window.__paint('{colour}')")
+                    latencies.append(await b.wait_js("window.__seen", 10, colour))
+                    await asyncio.sleep(0.1)
+                inputs = served.sync(lambda: served.manager.stats()["inputs"]["camera"])
+                assert inputs["state"] == "camera" and inputs["received"] > 10, inputs
+                lat = sorted(latencies)
+                print(f"\ncanvas colour -> first SDK video frame showing it (Chromium, loopback, 16 fps, {len(lat)} "
+                      f"changes): p50 {lat[len(lat) // 2]:.0f} ms, p95 {lat[int(len(lat) * 0.95)]:.0f} ms, max "
+                      f"{lat[-1]:.0f} ms; server frame -> block start p50 "
+                      f"{inputs['latency_ms_p50']} ms")
+                # Chromium's fake camera (getUserMedia), as <WebcamStream> would publish it
+                await b.js("navigator.mediaDevices.getUserMedia({video: {width: 640, height: 480}})"
+                           ".then(s => reactor.publishTrack('camera', s.getVideoTracks()[0]))")
+                before = served.sync(lambda: served.manager.stats()["inputs"]["camera"]["received"])
+                await b.wait_js(f"(() => {{ const m = {MEAN_RGB}; return m && !(m[0] > 180 && m[1] < 70) && "
+                                f"(m[0] + m[1] + m[2]) > 30; }})()", 20, "the fake camera's picture")
+                assert served.sync(lambda: served.manager.stats()["inputs"]["camera"]["received"]) > before
+                # unpublish: back to the default after a second
+                await b.js("reactor.unpublishTrack('camera')")
+                await b.wait_js(f"(() => {{ const m = {MEAN_RGB}; return m && Math.max(...m) < 10; }})()", 20,
+                                "black again without a camera")
+                # uploadFile (POST uploads, PUT, fileUploaded) -> FileRef -> sendCommand(set_image, {image: ref})
+                await b.js("""(async () => {
+                    const c = document.createElement('canvas'); c.width = 64; c.height = 48;
+                    const g = c.getContext('2d'); g.fillStyle = 'rgb(0,200,255)'; g.fillRect(0, 0, 64, 48);
+                    const blob = await new Promise(r => c.toBlob(r, 'image/png'));
+                    window.__ref = await reactor.uploadFile(new File([blob], 'cyan.png', {type: 'image/png'}));
+                    await reactor.sendCommand('set_image', {image: window.__ref});
+                    return true;
+                })()""")
+                ref = await b.js("({id: window.__ref.uploadId, name: window.__ref.name, type: window.__ref.mimeType})")
+                assert ref["name"] == "cyan.png" and ref["type"] == "image/png" and len(ref["id"]) >= 20
+                await b.wait_js("window.__sdk.messages.some(m => m.type === 'commandResult' && m.data.ok && "
+                                "m.data.command === 'set_image')", 15, "set_image applied")
+                await b.wait_js(f"(() => {{ const m = {MEAN_RGB}; return m && m[2] > 200 && m[0] < 60; }})()", 15,
+                                "the uploaded picture")
+                # a junk file is refused by the server, so uploadFile throws and nothing changes
+                err = await b.js("""reactor.uploadFile(new File([new Uint8Array(200).fill(7)], 'x.png',
+                                                               {type: 'image/png'})).then(() => null, e => String(e))""")
+                assert err and "415" in err and "not a PNG" in err, err
+                err = await b.js("""reactor.uploadFile(new File(['<html>'], 'x.html', {type: 'text/html'}))
+                                    .then(() => null, e => String(e))""")
+                assert err and "415" in err, err
+                assert await b.js(f"(() => {{ const m = {MEAN_RGB}; return m[2] > 200 && m[0] < 60; }})()")
+                assert engine.busy and await b.js("window.__sdk.status") == "ready"
+                await b.js("reactor.disconnect()")
+                for _ in range(100):
+                    if not served.manager.clients and not engine.busy:
+                        break
+                    await asyncio.sleep(0.1)
+                assert not served.manager.uploads.sessions  # the session's uploads went with it
+        finally:
+            await runner.cleanup()
+
+    arun(main(), 150)

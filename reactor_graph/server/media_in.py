@@ -52,6 +52,12 @@ def to_yuv420p(frame: Any, h: int, w: int) -> np.ndarray:
     return np.concatenate([y.reshape(-1), u.reshape(-1), v.reshape(-1)]).reshape(h * 3 // 2, w)
 
 
+def own_size(frame: Any, most: tuple[int, int] = (720, 1280)) -> tuple[int, int]:
+    """A frame's own size, even, scaled down to fit `most` (H, W)."""
+    scale = min(1.0, most[0] / max(1, frame.height), most[1] / max(1, frame.width))
+    return max(2, int(frame.height * scale) // 2 * 2), max(2, int(frame.width * scale) // 2 * 2)
+
+
 def yuv_to_rgb_hwc(yuv: np.ndarray) -> np.ndarray:
     import av
 
@@ -75,8 +81,10 @@ class CompatFeed:
     def tracks(self) -> list[str]:
         return list(self.names)
 
-    def size(self, name: str) -> tuple[int, int]:
-        return int(self.host.height), int(self.host.width)
+    def size(self, name: str) -> tuple[int, int] | None:
+        """The model's frame size once known (its first block); before that, frames keep their own."""
+        h, w = int(self.host.height), int(self.host.width)
+        return (h, w) if h > 0 and w > 0 else None
 
     def feed(self, name: str, yuv: np.ndarray, arrived: float | None = None) -> None:
         with self._cond:
@@ -176,7 +184,6 @@ class InboundMedia:
         return self._read(client, name, remote, is_active)
 
     async def _read(self, client: Any, name: str, remote: Any, is_active) -> None:
-        h, w = self.inputs.size(name)
         warned = False
         while True:
             try:
@@ -188,6 +195,7 @@ class InboundMedia:
                 self.metrics.inc("input_frames_total", track=name, result="not_in_session")
                 continue
             try:
+                h, w = self.inputs.size(name) or own_size(frame)
                 big = frame.width * frame.height > 640 * 480 or h * w > 256 * 256
                 yuv = await asyncio.to_thread(to_yuv420p, frame, h, w) if big else to_yuv420p(frame, h, w)
                 self.inputs.feed(name, yuv, arrived)

@@ -289,3 +289,40 @@ def test_reactor_js_sdk_publishes_a_camera_and_uploads_an_image(tiny_engine, ser
             await runner.cleanup()
 
     arun(main(), 150)
+
+
+def test_builtin_page_uses_the_camera_and_uploads_an_image(tiny_engine, serve_engine, chromium, arun):
+    """The built-in page offers 'use my camera' per video slot (Chromium's fake camera here) and a file input
+    for image params (uploaded the SDK's way)."""
+    served = serve_engine(tiny_engine(CAMERA_GRAPH), ping_timeout=15, connect_timeout=15)
+
+    async def main():
+        async with chromium() as b:
+            await b.goto(served.url + "/")
+            await b.wait_js("window.__rg && window.__rg.status === 'in session'", 30, "the session")
+            await b.wait_js("window.__rg.frames > 3", 30, "frames")
+            assert await b.js("document.getElementById('inputs-title').hidden") is False
+            await b.js("document.querySelector('#inputs button[data-track=camera]').click()")
+            await b.wait_js("document.querySelector('#inputs button').textContent.startsWith('Stop')", 15, "camera on")
+            await b.wait_js(f"(() => {{ const m = {MEAN_RGB}; return m && (m[0] + m[1] + m[2]) > 30; }})()", 20,
+                            "the fake camera's picture")
+            await b.wait_js("(document.getElementById('stat-inputs').textContent || '').includes('camera: camera')",
+                            10, "the page's stats to say the camera is live")
+            await b.js("document.querySelector('#inputs button').click()")  # stop: the default again
+            await b.wait_js(f"(() => {{ const m = {MEAN_RGB}; return m && Math.max(...m) < 10; }})()", 20, "black")
+            await b.js("""(async () => {
+                const c = document.createElement('canvas'); c.width = 40; c.height = 40;
+                const g = c.getContext('2d'); g.fillStyle = 'rgb(255,200,0)'; g.fillRect(0, 0, 40, 40);
+                const blob = await new Promise(r => c.toBlob(r, 'image/png'));
+                const dt = new DataTransfer(); dt.items.add(new File([blob], 'y.png', {type: 'image/png'}));
+                const form = document.querySelector('form[data-command=set_image]');
+                form.elements.image.files = dt.files;
+                form.requestSubmit();
+                return true;
+            })()""")
+            await b.wait_js("document.querySelector('form[data-command=set_image] .reply').textContent === 'applied'",
+                            15, "set_image applied")
+            await b.wait_js(f"(() => {{ const m = {MEAN_RGB}; return m && m[0] > 200 && m[1] > 150 && m[2] < 60; }})()",
+                            15, "the uploaded picture")
+
+    arun(main(), 120)

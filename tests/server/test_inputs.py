@@ -193,3 +193,46 @@ def test_uploads_as_the_sdk_makes_them(camera_server, sdk_client, arun):
             assert not os.path.exists(folder) and sid not in store.sessions  # deleted with the session
 
     arun(main(), 90)
+
+
+def test_a_reactor_model_gets_on_frame(serve_engine, sdk_client, arun):
+    """A compat VideoModel that overrides on_frame: the server offers it a 'webcam' track and calls
+    on_frame(frame) ([H, W, 3] uint8 RGB at the model's size) with what the client publishes."""
+    from reactor_graph.compat import ModelHost, VideoModel, get_ctx
+
+    class Mirror(VideoModel):
+        name = "mirror"
+
+        def __init__(self):
+            self.level, self.frames = 0, []
+
+        def on_frame(self, frame):
+            self.frames.append((frame.shape, frame.dtype))
+            self.level = int(frame.mean())
+
+        def start_session(self):
+            while not get_ctx().should_stop():
+                get_ctx().emit_block(np.full((2, 32, 32, 3), self.level, np.uint8))
+                time.sleep(0.05)
+
+    model = Mirror()
+    served = serve_engine(ModelHost(model, fps=16, size=(32, 32)), ping_timeout=15, connect_timeout=15)
+
+    async def main():
+        async with sdk_client(served.url) as c:
+            s = await c.start_session()
+            assert {"name": "webcam", "kind": "video", "direction": "sendonly"} in s["capabilities"]["tracks"]
+            await c.connect()
+            await c.wait_ready()
+            await c.wait_message("runtime", "sessionStarted")
+            sender = next(t for t in c.pc.getTransceivers() if t.direction == "sendonly").sender
+            track = Colour()
+            track.level = 180
+            sender.replaceTrack(track)
+            await c.wait_for(lambda: model.level > 170, 15, "on_frame to see the published picture")
+            y = 16 + 180 * 219 / 255
+            n = len(c.frames)
+            await c.wait_for(lambda: any(abs(luma(f) - y) < 8 for _, f in c.frames[n:]), 15, "the model's output")
+            assert model.frames[-1] == ((32, 32, 3), np.dtype(np.uint8))
+
+    arun(main(), 60)

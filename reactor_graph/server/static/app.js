@@ -32,7 +32,11 @@ function field(name, p) {
   caption.textContent = name + (p.required ? " *" : "") + (p.description ? ` — ${p.description}` : "");
   label.append(caption);
   let input;
-  if (Array.isArray(p.enum)) {
+  if (p.format === "image") { // an uploaded picture (as the SDK's uploadFile makes it)
+    input = document.createElement("input");
+    input.type = "file";
+    input.accept = "image/png,image/jpeg,image/webp,image/gif,image/bmp";
+  } else if (Array.isArray(p.enum)) {
     input = document.createElement("select");
     for (const v of p.enum) {
       const o = document.createElement("option");
@@ -72,6 +76,7 @@ function readForm(form, schema) {
   for (const [name, p] of Object.entries(schema)) {
     const el = form.elements[name];
     if (!el) continue;
+    if (p.format === "image") continue; // uploaded on submit (uploadImages)
     if (Array.isArray(p.enum)) params[name] = JSON.parse(el.value);
     else if (p.type === "boolean") params[name] = el.checked;
     else if (p.type === "integer" || p.type === "number") {
@@ -111,10 +116,16 @@ function buildForms(commands) {
     const reply = document.createElement("div");
     reply.className = "reply";
     form.append(button, reply);
-    form.addEventListener("submit", (ev) => {
+    form.addEventListener("submit", async (ev) => {
       ev.preventDefault();
       const params = readForm(form, schema);
-      if (send("application", cmd.name, params)) {
+      let uploads;
+      try { uploads = await uploadImages(form, schema); } catch (err) {
+        reply.className = "reply err";
+        reply.textContent = String(err.message || err);
+        return;
+      }
+      if (send("application", cmd.name, params, uploads)) {
         reply.className = "reply";
         reply.textContent = "sent…";
       } else {
@@ -149,6 +160,9 @@ function showStats(s) {
   $("stat-sent").textContent = s.sent ?? "–";
   $("stat-loss").textContent = s.repeats !== undefined ? `${s.repeats} / ${s.drops}` : "–";
   $("stat-policy").textContent = s.policy ?? "–";
+  const inputs = Object.entries(s.inputs || {});
+  $("stat-inputs").textContent = inputs.length ? inputs.map(([n, i]) =>
+    `${n}: ${i.state}${i.latency_ms_p50 != null ? ` (${i.latency_ms_p50} ms)` : ""}`).join(", ") : "–";
 }
 
 function countFrames() {
@@ -172,10 +186,68 @@ function countFrames() {
 }
 
 // -- the data channel ----------------------------------------------------------------------------------
-function send(scope, type, data) {
+function send(scope, type, data, uploads) {
   if (!channel || channel.readyState !== "open") return false;
-  channel.send(JSON.stringify({ scope, data: { type, data: data ?? {} } }));
+  const inner = { type, data: data ?? {} };
+  if (uploads && Object.keys(uploads).length) inner.uploads = uploads; // FileRefs, as the SDK sends them
+  channel.send(JSON.stringify({ scope, data: inner }));
   return true;
+}
+
+// -- the input side: uploads (the SDK's uploadFile sequence) and the camera ---------------------------------
+async function uploadFile(file) {
+  const slot = await api("POST", `/sessions/${state.sessionId}/uploads`,
+                         { name: file.name, size: file.size, mime_type: file.type || "application/octet-stream" });
+  if (!slot.ok) throw new Error(`upload refused: ${await slot.text()}`);
+  const { presigned_id, presigned_url } = await slot.json();
+  const put = await fetch(presigned_url, { method: "PUT", body: file });
+  if (!put.ok) throw new Error(`upload refused: ${await put.text()}`);
+  const ref = { upload_id: presigned_id, name: file.name, mime_type: file.type, size: file.size };
+  send("runtime", "fileUploaded", ref);
+  return ref;
+}
+
+async function uploadImages(form, schema) {
+  const uploads = {};
+  for (const [name, p] of Object.entries(schema)) {
+    if (p.format !== "image") continue;
+    const file = form.elements[name] && form.elements[name].files[0];
+    if (!file) { if (p.required) throw new Error(`choose an image for ${name}`); continue; }
+    uploads[name] = await uploadFile(file);
+  }
+  return uploads;
+}
+
+const cameras = {}; // track name -> {transceiver, stream}
+function buildInputs(tracks) {
+  const box = $("inputs");
+  box.replaceChildren();
+  for (const t of tracks) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = `Use my camera (${t.name})`;
+    b.dataset.track = t.name;
+    b.onclick = async () => {
+      const cam = cameras[t.name];
+      if (!cam) return;
+      if (cam.stream) { // stop
+        await cam.transceiver.sender.replaceTrack(null);
+        cam.stream.getTracks().forEach((x) => x.stop());
+        cam.stream = null;
+        b.textContent = `Use my camera (${t.name})`;
+        log(`camera ${t.name} stopped`);
+        return;
+      }
+      try {
+        cam.stream = await navigator.mediaDevices.getUserMedia({ video: { width: { ideal: 640 }, height: { ideal: 480 } } });
+        await cam.transceiver.sender.replaceTrack(cam.stream.getVideoTracks()[0]);
+        b.textContent = `Stop camera (${t.name})`;
+        log(`camera ${t.name} published`);
+      } catch (err) { log(`camera: ${err.message || err}`); cam.stream = null; }
+    };
+    box.append(b);
+  }
+  $("inputs-title").hidden = tracks.length === 0;
 }
 
 function onMessage(ev) {
@@ -260,6 +332,9 @@ async function connect() {
     };
     channel.onclose = () => { clearInterval(pingTimer); };
     const transceiver = pc.addTransceiver("video", { direction: "recvonly" });
+    const inputs = (session.capabilities.tracks || []).filter((t) => t.direction === "sendonly" && t.kind === "video");
+    for (const t of inputs) cameras[t.name] = { transceiver: pc.addTransceiver("video", { direction: "sendonly" }), stream: null };
+    buildInputs(inputs);
     pc.ontrack = (ev) => {
       const video = $("video");
       video.srcObject = ev.streams[0] || new MediaStream([ev.track]);
@@ -275,7 +350,8 @@ async function connect() {
     await pc.setLocalDescription(await pc.createOffer());
     await gathered(pc, 5000);
     const offer = { sdp_offer: pc.localDescription.sdp, client_info: { sdk_version: "page", sdk_type: "js" },
-      track_mapping: [{ mid: transceiver.mid, name: "main_video", kind: "video", direction: "recvonly" }] };
+      track_mapping: [{ mid: transceiver.mid, name: "main_video", kind: "video", direction: "recvonly" },
+        ...inputs.map((t) => ({ mid: cameras[t.name].transceiver.mid, name: t.name, kind: "video", direction: "sendonly" }))] };
     const posted = await api("POST", `${base}/sdp_params`, offer);
     if (posted.status !== 202) throw new Error(`sdp_params: ${posted.status} ${await posted.text()}`);
     let answer = null;
@@ -302,6 +378,8 @@ function teardown(tellServer) {
       body: JSON.stringify({ session_id: id }), keepalive: true }).catch(() => {});
   }
   clearInterval(pingTimer);
+  for (const cam of Object.values(cameras)) if (cam.stream) cam.stream.getTracks().forEach((x) => x.stop());
+  for (const k of Object.keys(cameras)) delete cameras[k];
   if (channel) { try { channel.close(); } catch {} }
   if (pc) { try { pc.close(); } catch {} }
   channel = null; pc = null; state.sessionId = null;

@@ -194,13 +194,16 @@ def render(graph: Optional[str] = GRAPH_ARG,
            output: Path = typer.Option(Path("out.mp4"), "-o", "--output", help="mp4 file to write"),
            blocks: int = typer.Option(16, min=1, help="blocks to generate"),
            commands: Optional[Path] = typer.Option(None, help="YAML list of {block|time, command, params}"),
+           input: Optional[list[str]] = typer.Option(None, "--input", help="SLOT=FILE: a video file feeds the "
+                                                     "graph's video slot SLOT (repeatable)"),
            device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
            compile: Optional[str] = typer.Option(None, help="eager | compile | cudagraph"),
            dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16"),
            random_weights: bool = RANDOM_WEIGHTS, weights_dir: Optional[list[Path]] = WEIGHTS_DIR):
     """Render the stream to an mp4, applying timed commands from a script.
 
-    Example: `reactor-graph render graphs/demo.yaml -o demo.mp4 --blocks 32 --commands script.yaml`
+    Example: `reactor-graph render graphs/demo.yaml -o demo.mp4 --blocks 32 --commands script.yaml`;
+    video-to-video: `reactor-graph render graphs/camera.yaml --input camera=clip.mp4`
     """
     from rich.progress import Progress
 
@@ -210,10 +213,16 @@ def render(graph: Optional[str] = GRAPH_ARG,
     with clear_errors():
         engine = _open(graph or str(demo_path()), device, dtype, compile, random_weights, weights_dir)
         script = load_script(commands, engine) if commands else None
+        clips = {}
+        for item in input or []:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ReactorGraphError(f"--input takes SLOT=FILE, got {item!r}")
+            clips[name] = path
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("rendering", total=blocks)
             result, frames = do_render(engine, output, blocks, script,
-                                       on_progress=lambda n: progress.update(task, completed=n))
+                                       on_progress=lambda n: progress.update(task, completed=n), inputs=clips)
         if result.error:
             raise ReactorGraphError(f"the session ended early after {result.blocks} blocks: {result.error}")
         out.print(f"wrote {output}: {frames} frames of {engine.width}x{engine.height} at {engine.fps:g} fps")

@@ -182,6 +182,92 @@ IMAGE_PARAM = Annotated[Any, BeforeValidator(image_param), WithJsonSchema({
     "description": "an uploaded image (reactor.uploadFile -> FileRef) or a base64 PNG/JPEG/WebP"})]
 
 
+MAX_INBOUND_PIXELS = 4096 * 2160  # a decoded frame larger than 4K is refused (the codec would allow more)
+
+
+def to_yuv420p(frame: Any, h: int, w: int) -> np.ndarray:
+    """An av.VideoFrame -> yuv420p [h*3//2, w] uint8: scaled to cover h x w, centre-cropped."""
+    fw, fh = frame.width, frame.height
+    if fw <= 0 or fh <= 0 or fw * fh > MAX_INBOUND_PIXELS:
+        raise ValueError(f"a {fw}x{fh} frame is outside what this server takes (at most {MAX_INBOUND_PIXELS} pixels)")
+    scale = max(w / fw, h / fh)
+    sw, sh = max(w, 2 * round(fw * scale / 2)), max(h, 2 * round(fh * scale / 2))
+    if (sw, sh) == (w, h) and frame.format.name == "yuv420p" and (fw, fh) == (w, h):
+        scaled = frame
+    else:
+        scaled = frame.reformat(width=sw, height=sh, format="yuv420p", interpolation="BILINEAR")
+    planes = scaled.to_ndarray()  # [sh*3//2, sw], planes packed
+    if (sw, sh) == (w, h):
+        return np.ascontiguousarray(planes)
+    top, left = ((sh - h) // 2) & ~1, ((sw - w) // 2) & ~1
+    y = planes[:sh].reshape(sh, sw)[top:top + h, left:left + w]
+    chroma = planes[sh:].reshape(-1)
+    q = (sh // 2) * (sw // 2)
+    u = chroma[:q].reshape(sh // 2, sw // 2)[top // 2:(top + h) // 2, left // 2:(left + w) // 2]
+    v = chroma[q:2 * q].reshape(sh // 2, sw // 2)[top // 2:(top + h) // 2, left // 2:(left + w) // 2]
+    return np.concatenate([y.reshape(-1), u.reshape(-1), v.reshape(-1)]).reshape(h * 3 // 2, w)
+
+
+class ClipFeed:
+    """`render --input NAME=clip.mp4`: a video file feeds a video slot in video time (headless, no clock):
+    before each block, the clip's frames up to that block's time go into the slot's buffer. The clip loops."""
+
+    def __init__(self, inputs: InputFeeds, name: str, path: str):
+        import av
+
+        if name not in inputs.feeds:
+            known = ", ".join(inputs.feeds) or "none"
+            raise ValueError(f"--input {name}=...: the graph has no video slot '{name}' (video slots: {known})")
+        self.inputs, self.name, self.path = inputs, name, path
+        try:
+            self._container = av.open(path)
+            self._stream = self._container.streams.video[0]
+        except (av.error.FFmpegError, IndexError, OSError) as exc:
+            raise ValueError(f"--input {name}={path}: not a readable video file ({exc})") from None
+        self._frames = self._decode()
+        self._offset = 0.0  # seconds added per loop
+        self._next: tuple[float, Any] | None = None
+        self._last = 0.0
+        self.fed = 0
+
+    def _decode(self):
+        yield from self._container.decode(self._stream)
+
+    def _pull(self) -> tuple[float, Any] | None:
+        for _ in range(2):
+            try:
+                frame = next(self._frames)
+                t = float(frame.time) if frame.time is not None else self.fed / 30.0
+                return self._offset + t, frame
+            except StopIteration:
+                if self.fed == 0:
+                    return None
+                rate = self._stream.average_rate or self._stream.guessed_rate or 30
+                self._offset += self._last + 1.0 / float(rate)  # loop: the clip starts again after its last frame
+                self._container.seek(0)
+                self._frames = self._decode()
+        return None
+
+    def advance(self, seconds: float) -> None:
+        """Feed every frame whose time is <= `seconds` (the newest is what the next block reads)."""
+        h, w = self.inputs.size(self.name)
+        while True:
+            if self._next is None:
+                self._next = self._pull()
+                if self._next is None:
+                    return
+            t, frame = self._next
+            if t > seconds and self.fed:
+                return
+            self._last = t - self._offset
+            self.inputs.feed(self.name, to_yuv420p(frame, h, w))
+            self.fed += 1
+            self._next = None
+
+    def close(self) -> None:
+        self._container.close()
+
+
 # -- the latest-frame buffer ----------------------------------------------------------------------------------
 
 @dataclass

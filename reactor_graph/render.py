@@ -61,14 +61,19 @@ def pick_codec() -> str:
 
 
 def render(engine: Engine, out: str | Path, blocks: int, script: list[TimedCommand] | None = None,
-           on_progress: Callable[[int], None] | None = None) -> tuple[SessionResult, int]:
-    """Render `blocks` blocks to `out`. Returns the session result and the number of frames written."""
+           on_progress: Callable[[int], None] | None = None,
+           inputs: dict[str, str] | None = None) -> tuple[SessionResult, int]:
+    """Render `blocks` blocks to `out`. Returns the session result and the number of frames written.
+    `inputs`: video slot -> video file feeding it in video time (reactor_graph.inputs.ClipFeed)."""
     fps = Fraction(engine.fps).limit_denominator(1000)
     pending = list(script or [])  # commands due at the same boundary apply in script order
     written = 0
+    clips = open_clips(engine, inputs)
 
     def before_block(index: int) -> None:
         now = written / float(fps)
+        for clip in clips:
+            clip.advance(now)
         for cmd in list(pending):
             due = cmd.block is not None and cmd.block <= index or cmd.time is not None and cmd.time <= now
             if due:
@@ -94,7 +99,28 @@ def render(engine: Engine, out: str | Path, blocks: int, script: list[TimedComma
             if on_progress:
                 on_progress(block.index + 1)
 
-        result = engine.run_session(on_block, max_blocks=blocks, before_block=before_block)
+        try:
+            result = engine.run_session(on_block, max_blocks=blocks, before_block=before_block)
+        finally:
+            for clip in clips:
+                clip.close()
         if stream is not None:
             container.mux(stream.encode(None))
     return result, written
+
+
+def open_clips(engine: Any, inputs: dict[str, str] | None) -> list:
+    """ClipFeeds for `--input NAME=PATH`; raises ReactorGraphError naming what is wrong."""
+    if not inputs:
+        return []
+    from .errors import ReactorGraphError
+    from .inputs import ClipFeed
+
+    feeds = getattr(engine, "inputs", None)
+    if feeds is None or not hasattr(feeds, "feeds"):
+        raise ReactorGraphError("--input feeds a graph's video slots; this model has none")
+    feeds.stale_seconds = float("inf")  # video time, not the clock: a slow render never falls back
+    try:
+        return [ClipFeed(feeds, name, path) for name, path in inputs.items()]
+    except ValueError as exc:
+        raise ReactorGraphError(str(exc)) from None

@@ -24,33 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from ..inputs import to_yuv420p
+
 log = logging.getLogger("reactor_graph.server")
-
-MAX_INBOUND_PIXELS = 4096 * 2160  # a decoded frame larger than 4K is refused (the codec would allow more)
-
-
-def to_yuv420p(frame: Any, h: int, w: int) -> np.ndarray:
-    """An av.VideoFrame -> yuv420p [h*3//2, w] uint8: scaled to cover h x w, centre-cropped."""
-    fw, fh = frame.width, frame.height
-    if fw <= 0 or fh <= 0 or fw * fh > MAX_INBOUND_PIXELS:
-        raise ValueError(f"a {fw}x{fh} frame is outside what this server takes (at most {MAX_INBOUND_PIXELS} pixels)")
-    scale = max(w / fw, h / fh)
-    sw, sh = max(w, 2 * round(fw * scale / 2)), max(h, 2 * round(fh * scale / 2))
-    if (sw, sh) == (w, h) and frame.format.name == "yuv420p" and (fw, fh) == (w, h):
-        scaled = frame
-    else:
-        scaled = frame.reformat(width=sw, height=sh, format="yuv420p", interpolation="BILINEAR")
-    planes = scaled.to_ndarray()  # [sh*3//2, sw], planes packed
-    if (sw, sh) == (w, h):
-        return np.ascontiguousarray(planes)
-    top, left = ((sh - h) // 2) & ~1, ((sw - w) // 2) & ~1
-    y = planes[:sh].reshape(sh, sw)[top:top + h, left:left + w]
-    chroma = planes[sh:].reshape(-1)
-    q = (sh // 2) * (sw // 2)
-    u = chroma[:q].reshape(sh // 2, sw // 2)[top // 2:(top + h) // 2, left // 2:(left + w) // 2]
-    v = chroma[q:2 * q].reshape(sh // 2, sw // 2)[top // 2:(top + h) // 2, left // 2:(left + w) // 2]
-    return np.concatenate([y.reshape(-1), u.reshape(-1), v.reshape(-1)]).reshape(h * 3 // 2, w)
-
 
 def own_size(frame: Any, most: tuple[int, int] = (720, 1280)) -> tuple[int, int]:
     """A frame's own size, even, scaled down to fit `most` (H, W)."""

@@ -159,8 +159,16 @@ class InboundMedia:
             return None
         return self._read(client, name, remote, is_active)
 
+    def min_interval(self, name: str) -> float:
+        """Frames closer together than this are not converted (twice the slot's declared fps): a client
+        publishing 60 fps to a 16 fps model costs no conversions it cannot use."""
+        spec = getattr(self.inputs, "feeds", {}).get(name)
+        fps = getattr(getattr(spec, "spec", None), "fps", None)
+        return 1.0 / (2.0 * fps) if fps else 0.0
+
     async def _read(self, client: Any, name: str, remote: Any, is_active) -> None:
         warned = False
+        gap, last = self.min_interval(name), 0.0
         while True:
             try:
                 frame = await remote.recv()
@@ -170,6 +178,10 @@ class InboundMedia:
             if not is_active():
                 self.metrics.inc("input_frames_total", track=name, result="not_in_session")
                 continue
+            if arrived - last < gap:
+                self.metrics.inc("input_frames_total", track=name, result="over_rate")
+                continue
+            last = arrived
             try:
                 h, w = self.inputs.size(name) or own_size(frame)
                 big = frame.width * frame.height > 640 * 480 or h * w > 256 * 256

@@ -129,7 +129,10 @@ class UploadStore:
         if len(data) != up.size:
             raise UploadError(400, f"the body is {len(data)} bytes but the upload was declared as {up.size}")
         self.check_header(bytes(data), up)
-        fd = os.open(up.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(up.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # two PUTs of one upload at once: the first wins
+            raise UploadError(409, "this upload has already been received") from None
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         up.complete = True

@@ -67,7 +67,7 @@ class Colour:
 
 @pytest.fixture
 def camera_server(tiny_engine, serve_engine):
-    return serve_engine(tiny_engine(CAMERA), ping_timeout=15, connect_timeout=15, input_queue_frames=int(os.environ.get("RG_IQ", "2")))
+    return serve_engine(tiny_engine(CAMERA), ping_timeout=15, connect_timeout=15)
 
 
 def test_published_track_feeds_the_video_slot(camera_server, sdk_client, arun):
@@ -159,6 +159,13 @@ def test_uploads_as_the_sdk_makes_them(camera_server, sdk_client, arun):
                     + chunk(b"IDAT", zlib.compress(b"\x00" * 4096)) + chunk(b"IEND", b""))
             status, text = await _upload(http, served.url, sid, bomb)
             assert status == 413 and "pixels" in text
+            # a large one (past the app's 256 KB JSON body limit: the PUT is streamed)
+            from PIL import Image
+
+            noise = io.BytesIO()
+            Image.fromarray(np.random.default_rng(0).integers(0, 255, (700, 700, 3), np.uint8)).save(noise, "PNG")
+            assert len(noise.getvalue()) > 1_000_000
+            assert (await _upload(http, served.url, sid, noise.getvalue()))[0] == 200
             # another session cannot use (or even see) this session's uploads
             status, upload_id = await _upload(http, served.url, sid, png(64, 48, (255, 255, 255)))
             assert status == 200

@@ -151,3 +151,25 @@ def test_latest_frames_is_bounded():
         buf.put(np.full((3, 2), i, np.uint8))
     assert [int(f.yuv[0, 0]) for f in buf.newest(5)] == [7, 8, 9]
     assert buf.received == 10
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_hot_path_sees_each_new_frame_with_no_recapture(tiny_engine):
+    """cudagraph: the camera slot's tensor stays put; each new frame is a copy into the captured graph's static
+    input, so every replay shows the newest frame, with no recompile and no new capture."""
+    text = CAMERA.replace("device: cpu", "device: cuda\ncompile: cudagraph").replace(
+        "    in: {frames: $slots.camera}", "    in: {frames: pre.rgb}").replace(
+        "nodes:\n", "nodes:\n  pre:\n    type: video_in\n    in: {frames: $slots.camera}\n")
+    e = tiny_engine(text, device="cuda", dtype="float32", compile="cudagraph")
+    ex = e.executor
+    graphs = dict(ex.graphs)
+    assert graphs and e.slots.values["camera"].is_cuda
+    address = e.slots.values["camera"].data_ptr()
+    means = []
+    for i in range(8):
+        e.inputs.feed("camera", yuv(16, 24, 16 + 25 * i))
+        means.append(e.run_block(i)["video"].float().mean().item())
+    assert all(b > a + 10 for a, b in zip(means, means[1:])), means  # a new frame in every block
+    assert ex.recompiles == 0 and dict(ex.graphs) == graphs and ex.replays == 8
+    assert e.slots.values["camera"].data_ptr() == address

@@ -173,3 +173,23 @@ def test_captured_hot_path_sees_each_new_frame_with_no_recapture(tiny_engine):
     assert all(b > a + 10 for a, b in zip(means, means[1:])), means  # a new frame in every block
     assert ex.recompiles == 0 and dict(ex.graphs) == graphs and ex.replays == 8
     assert e.slots.values["camera"].data_ptr() == address
+
+
+def test_inbound_frames_are_cropped_to_the_slot_and_absurd_ones_refused():
+    import av
+
+    from reactor_graph.inputs import to_yuv420p
+
+    img = np.zeros((480, 640, 3), np.uint8)
+    img[:, :60] = 255  # a white band on the left that a 1:1 centre crop of 4:3 cuts away
+    img[:, 60:200] = 128
+    out = to_yuv420p(av.VideoFrame.from_ndarray(img, format="rgb24"), 32, 32)
+    assert out.shape == (48, 32) and out.dtype == np.uint8
+    y = out[:32].astype(int)
+    assert abs(y[:, 0].mean() - (16 + 128 * 219 / 255)) < 12 and y[:, -1].mean() < 20  # grey edge, no white
+
+    class Huge:
+        width, height = 10000, 10000
+
+    with pytest.raises(ValueError, match="at most"):
+        to_yuv420p(Huge(), 32, 32)

@@ -120,8 +120,8 @@ class Dispatcher:
 
     def _command(self, client: Client, env: P.Envelope) -> None:
         if env.uploads is not None and self.uploads is not None:  # FileRefs: decoded off the loop, then submitted
-            task = asyncio.ensure_future(self._command_with_uploads(client, env))
-            client.tasks.append(task)
+            client.tasks = [t for t in client.tasks if not t.done()]
+            client.tasks.append(asyncio.ensure_future(self._command_with_uploads(client, env)))
             return
         name = env.type[:100]
         if client.state != "active":

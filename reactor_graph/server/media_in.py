@@ -53,6 +53,7 @@ class CompatFeed:
         self.received = 0
         self.delivered = 0
         self.errors = 0
+        self._arrived = 0.0
 
     def tracks(self) -> list[str]:
         return list(self.names)
@@ -66,6 +67,7 @@ class CompatFeed:
         with self._cond:
             self._latest = (name, yuv)
             self.received += 1
+            self._arrived = time.perf_counter()
             self._cond.notify()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._deliver, name="reactor-model-frames", daemon=True)
@@ -74,16 +76,23 @@ class CompatFeed:
     def clear(self) -> None:
         with self._cond:
             self._latest = None
+            self._cond.notify()
 
     def stats(self) -> dict:
-        return {n: {"state": "camera" if self.received else "default", "received": self.received,
+        live = self.received and time.perf_counter() - self._arrived < 1.0
+        return {n: {"state": "camera" if live else "default", "received": self.received,
                     "used": self.delivered, "errors": self.errors} for n in self.names}
+
+    IDLE_SECONDS = 1.0  # no frame for this long: the delivering thread ends (the next frame starts another)
 
     def _deliver(self) -> None:
         while True:
             with self._cond:
-                while self._latest is None:
-                    self._cond.wait()
+                if self._latest is None:
+                    self._cond.wait(self.IDLE_SECONDS)
+                if self._latest is None:  # idle (the client stopped, the session ended): end the thread
+                    self._thread = None
+                    return
                 name, yuv = self._latest
                 self._latest = None
             try:

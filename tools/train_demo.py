@@ -198,6 +198,103 @@ def teacher_forced(dit: CausalDiT, clean: torch.Tensor, noisy: torch.Tensor, sig
     return dit.unpatchify(out).view(b, k, *noisy.shape[2:])
 
 
+# -- rollouts: the node's own inference, batched ------------------------------------------------------------------
+class BatchedCache:
+    """CausalDenoiser.generate for a batch of sessions at once: the same rolling KV cache (fills over the first
+    `cache_blocks` blocks, then drops the oldest block before each new one), the same positions, the same Euler
+    steps and clean pass. tests/test_demo_model.py checks it against the node block by block."""
+
+    def __init__(self, dit: CausalDiT, cache_blocks: int, steps: int, shift: float):
+        self.dit, self.cache_blocks = dit, cache_blocks
+        self.block_tokens = dit.frames * dit.tokens_per_frame
+        self.sigmas = flow_sigmas(steps, shift) + [0.0]
+        self.k = self.v = None
+        self.blocks = 0  # blocks written so far
+        self.n_cached = self.first_frame = 0
+
+    def begin_block(self) -> None:
+        """Make room for the next block (roll when full) and set its place in the window."""
+        phase = min(self.blocks, self.cache_blocks)
+        bt = self.block_tokens
+        if phase == self.cache_blocks:
+            self.k[:, :, :, :-bt] = self.k[:, :, :, bt:].clone()
+            self.v[:, :, :, :-bt] = self.v[:, :, :, bt:].clone()
+            phase -= 1
+        self.n_cached, self.first_frame = phase * bt, phase * self.dit.frames
+
+    def flow(self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The model's flow for x [B, C, T, h, w] at per-sample sigma [B], seeing the cache."""
+        f, _, _ = self.dit(x, sigma, text, self.first_frame, self.k, self.v, self.n_cached)
+        return f
+
+    def denoise(self, noise: torch.Tensor, text: torch.Tensor) -> list[torch.Tensor]:
+        """The few-step chain from noise; returns [x at sigma_0, x at sigma_1, ..., x at 0] (the last is the block)."""
+        xs = [noise]
+        for s, s_next in zip(self.sigmas[:-1], self.sigmas[1:]):
+            x = xs[-1]
+            sigma = torch.full((x.shape[0],), s, device=x.device)
+            xs.append(x + (s_next - s) * self.flow(x, sigma, text).to(x.dtype))
+        return xs
+
+    def write(self, x: torch.Tensor, text: torch.Tensor) -> None:
+        """The clean pass: x's keys/values at sigma 0 go into the cache as context for later blocks."""
+        _, k, v = self.dit(x, torch.zeros(x.shape[0], device=x.device), text, self.first_frame, self.k, self.v,
+                           self.n_cached)
+        if self.k is None:
+            shape = (*k.shape[:3], self.cache_blocks * self.block_tokens, k.shape[-1])
+            self.k = torch.zeros(shape, device=k.device, dtype=k.dtype)
+            self.v = torch.zeros(shape, device=k.device, dtype=k.dtype)
+        n = self.n_cached
+        self.k[:, :, :, n:n + self.block_tokens] = k
+        self.v[:, :, :, n:n + self.block_tokens] = v
+        self.blocks += 1
+
+
+SWITCH_KINDS = [("colour", 0.18), ("shape", 0.24), ("motion", 0.14), ("background", 0.12), ("size", 0.10),
+                ("everything", 0.22)]
+
+
+def rollout_attrs(batch: int, blocks: int, rng: random.Random, switch_prob: float) -> list[list[dict]]:
+    """[batch][blocks] attributes for rollouts: at each block boundary, with `switch_prob`, a prompt switch of
+    one kind (one attribute, as a user edits a prompt, or everything), never two blocks in a row."""
+    def fresh():
+        return data.sample_attrs(1, 1, rng, 0.0)[0][0]
+
+    kinds, weights = zip(*SWITCH_KINDS)
+    out = []
+    for _ in range(batch):
+        a, seq, last = fresh(), [], -2
+        for k in range(blocks):
+            if k > 0 and k - last > 1 and rng.random() < switch_prob:
+                kind = rng.choices(kinds, weights)[0]
+                while True:
+                    b = fresh() if kind == "everything" else dict(a, **{kind: fresh()[kind]})
+                    if b != a and (b["colour"], b["background"]) not in data.CLASHES:
+                        break
+                a, last = b, k
+            seq.append(a)
+        out.append(seq)
+    return out
+
+
+def shape_centres(frames: torch.Tensor, bg: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """(x, y) [B, 2] of the shape in frames [B, 3, H, W] in [-1, 1] on the torus (circular mean of the pixels
+    far from the background colour bg [B, 3] in [0, 1], as demo_data.foreground), or `fallback` where there
+    is no shape to read (too few pixels, or the background itself is off)."""
+    b, _, h, w = frames.shape
+    img = (frames.float().clamp(-1, 1) + 1) * 127.5
+    mask = ((img - bg[:, :, None, None] * 255).abs().sum(1) > 90).float()  # [B, H, W]
+    area = mask.sum((1, 2))
+    out = []
+    for n, m in ((w, mask.sum(1)), (h, mask.sum(2))):  # [B, W]: x from summing rows; [B, H]: y
+        a = 2 * math.pi * (torch.arange(n, device=frames.device, dtype=torch.float32) + 0.5) / n
+        ang = torch.atan2((m * a.sin()).sum(1), (m * a.cos()).sum(1))
+        out.append((ang * n / (2 * math.pi) - 0.5) % n)
+    est = torch.stack(out, dim=-1)
+    ok = ((area > 40) & (area < 0.4 * h * w))[:, None]
+    return torch.where(ok, est, fallback)
+
+
 # -- training ---------------------------------------------------------------------------------------------------
 class Settings:
     def __init__(self, args, cfg):
@@ -223,6 +320,16 @@ class Settings:
         self.eval_blocks = 3 if tiny else 12
         self.eval_prompts = 1 if tiny else None  # None: all
         self.checkpoint_s = 60 if tiny else 90
+        # stage 3: rollouts (Self-Forcing style)
+        self.rollout_share = args.rollout_share  # of the denoiser's budget, at its end
+        self.rollout_batch = 2 if tiny else args.rollout_batch
+        self.rollout_blocks = 4 if tiny else args.rollout_blocks
+        self.rollout_max_steps = 2 if tiny else 1_000_000
+        self.rollout_switch = 0.15  # switch probability at each block boundary
+        self.rollout_lr = args.rollout_lr
+        self.rollout_tf = 0.5  # weight of the teacher-forced batch alongside
+        self.rollout_tf_batch = 2 if tiny else 32
+        self.rollout_ema = 0.995
 
 
 class StepPlan:
@@ -375,7 +482,7 @@ def train_denoiser(cfg, st: Settings, device, budget_s: float, enc, dec, log: di
         f"{sum(p.numel() for p in text.parameters()) / 1e6:.2f}M; {st.batch} clips x {k} blocks a step, "
         f"context {st.context} blocks")
     t_start, step, last_ckpt = time.perf_counter(), 0, time.perf_counter()
-    plan = StepPlan(st.max_steps, budget_s, st.fixed_steps, "denoiser")
+    plan = StepPlan(st.max_steps, budget_s * (1 - st.rollout_share), st.fixed_steps, "denoiser")
     last_sigma = flow_sigmas(cfg["steps"], cfg["shift"])[-1]
 
     def swap_ema():  # exchange live and EMA weights in place
@@ -453,10 +560,142 @@ def train_denoiser(cfg, st: Settings, device, budget_s: float, enc, dec, log: di
             last_ckpt = time.perf_counter()
         step += 1
     log["dit_final"] = {"steps": step, "seconds": time.perf_counter() - t_start}
+    if st.rollout_share > 0:
+        log["dit_final"]["rollout"] = train_rollouts(
+            cfg, st, device, budget_s - (time.perf_counter() - t_start), enc, dec, text, dit, tok, opt, params,
+            ema_list, mask, log, checkpoint)
     swap_ema()  # keep the EMA weights
     text.eval()
     dit.eval()
     return text, dit
+
+
+def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, dit, tok, opt, params, ema_list,
+                   mask, log: dict, checkpoint) -> dict:
+    """Stage 3, Self-Forcing style: the model generates whole sessions block by block through the KV cache
+    (BatchedCache: what the node does), its own blocks as context, prompt switches and edge wrap-arounds on
+    the way, and the few-step denoiser is trained on those rollouts. Self-Forcing's gradient: for each block,
+    one denoising step picked at random, with gradient, from the state the model's own chain reached (the
+    cache, written with no gradient, is the model's own). Its target, where Self-Forcing has a teacher's
+    score (DMD): an expert that knows what the frame must show, the data generator. It reads where the
+    model's last frame put the shape (decoded, circular centroid) and renders the next block from there with
+    the block's prompt, so the model learns to continue its own picture cleanly: keep the shape whole, move it
+    on, wrap it round the edge, and take a new prompt at once. A teacher-forced batch rides along (weight
+    `rollout_tf`) so the clean pass that writes the cache keeps being trained."""
+    rng, gen = random.Random(st.seed + 2), torch.Generator(device="cpu").manual_seed(st.seed + 2)
+    fpb, size, steps = cfg["dit"]["frames"], cfg["size"], cfg["steps"]
+    h, w = size
+    k_tf = st.blocks
+    bg_tab = torch.tensor(list(data.BACKGROUNDS.values()), device=device)
+    vel_tab = torch.tensor(list(data.MOTIONS.values()), device=device) * data.SPEED * (w / 128.0)
+    plan = StepPlan(st.rollout_max_steps, budget_s, st.fixed_steps, "rollouts")
+    t_start, step = time.perf_counter(), 0
+    b, kr = st.rollout_batch, st.rollout_blocks
+    say(f"rollouts: {b} sessions x {kr} blocks a step, switch p {st.rollout_switch}, lr {st.rollout_lr}")
+
+    def encode(frames):  # [B, T, 3, H, W] -> [B, C, T, h, w]
+        with torch.no_grad(), autocast(device):
+            z = enc(frames.flatten(0, 1)).float()
+        return z.view(frames.shape[0], frames.shape[1], *z.shape[1:]).transpose(1, 2)
+
+    def latent_weight(alpha):  # [B, T, H, W] -> [B, 1, T, h, w]: the shape's latents count 5x
+        a = F.avg_pool2d(alpha, 8)  # area share per latent pixel
+        a = F.max_pool2d(a, 3, 1, 1)  # and its neighbours (the decoder's receptive field)
+        return (1 + 4 * a)[:, None]
+
+    rec_all = []
+    while not plan.done(step):
+        total = plan.total
+        lr = lr_at(step, total, st.rollout_lr, 20 if not st.fixed_steps else 1)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        attrs = rollout_attrs(b, kr, rng, st.rollout_switch)
+        prompts = [[data.describe(a, rng) for a in clip] for clip in attrs]
+        ids = tokenize(tok, prompts, device)  # [B, K, L]
+        idx = {f: torch.tensor([[data.NAMES[f].index(a[f]) for a in clip] for clip in attrs], device=device)
+               for f in ("background", "motion")}
+        cache = BatchedCache(dit, cfg["cache_blocks"], steps, cfg["shift"])
+        warm = step % 2 == 1  # odd steps: mid-session (ground-truth context, shape anywhere); even: a session's start
+        losses, show = [], []
+        with autocast(device):
+            emb = text(ids.flatten(0, 1)).view(b, kr, ids.shape[-1], -1)
+            k0 = 0
+            if warm:
+                k0 = st.context
+                start = torch.rand(b, 2, generator=gen) * torch.tensor([float(w), float(h)])
+                frames, _, centre = data.render([clip[:k0] for clip in attrs], fpb, size, start, device)
+                z = encode(frames)  # [B, C, k0*T, h, w]
+                with torch.no_grad():
+                    for k in range(k0):
+                        cache.begin_block()
+                        cache.write(z[:, :, k * fpb:(k + 1) * fpb], emb[:, k].detach())
+                pos = centre[:, -1]
+            else:
+                pos = torch.tensor([[w / 2, h / 2]], device=device).repeat(b, 1)
+            for k in range(k0, kr):
+                start = pos + vel_tab[idx["motion"][:, k]] if k > 0 else pos
+                frames, alpha, centre = data.render([[clip[k]] for clip in attrs], fpb, size, start, device)
+                target = encode(frames)
+                cache.begin_block()
+                with torch.no_grad():
+                    chain = cache.denoise(torch.randn_like(target), emb[:, k].detach())
+                j = torch.randint(steps, (b,), device=device)  # the step that gets the gradient, per session
+                x_j = torch.stack(chain[:steps])[j, torch.arange(b, device=device)]
+                sig = torch.tensor(cache.sigmas[:steps], device=device)[j]
+                flow = cache.flow(x_j, sig, emb[:, k]).float()
+                x0 = x_j - sig.view(b, 1, 1, 1, 1) * flow
+                err = ((x0 - target) ** 2 * latent_weight(alpha)).mean((1, 2, 3, 4))
+                losses.append(err)
+                block = chain[-1]
+                with torch.no_grad():
+                    cache.write(block, emb[:, k].detach())
+                    last = dec(block[:, :, -1]).float()  # the model's own last frame
+                    pos = shape_centres(last, bg_tab[idx["background"][:, k]], centre[:, -1])
+                    if step % 5 == 0:  # how far the model's shape is from where the expert drew it
+                        d = (pos - centre[:, -1] + torch.tensor([w / 2, h / 2], device=device)) % torch.tensor(
+                            [float(w), float(h)], device=device) - torch.tensor([w / 2, h / 2], device=device)
+                        show.append(float(d.norm(dim=-1).mean()))
+            loss_r = torch.stack(losses, 1).mean()
+            # teacher forcing alongside
+            clips = data.make_clips(st.rollout_tf_batch, k_tf, fpb, size, rng, gen, device,
+                                    switch_prob=st.switch_prob, start_prob=st.start_prob)
+            tids = tokenize(tok, clips.prompts, device)
+            bt = tids.shape[0]
+            with torch.no_grad():
+                zz = enc(clips.frames.flatten(0, 1)).float()
+            zz = zz.view(bt, k_tf, fpb, *zz.shape[1:]).transpose(2, 3)
+            sigma = sample_sigma((bt, k_tf), cfg, device)
+            noise = torch.randn_like(zz)
+            sv = sigma.view(bt, k_tf, 1, 1, 1, 1)
+            temb = text(tids.flatten(0, 1)).view(bt, k_tf, tids.shape[-1], -1)
+            pred = teacher_forced(dit, zz, (1 - sv) * zz + sv * noise, sigma, temb, st.context, mask)
+            per_block = ((pred.float() - (noise - zz)) ** 2).mean((2, 3, 4, 5))
+            weight = (clips.start[:, None] | (torch.arange(k_tf, device=device) >= st.context)[None]).float()
+            loss_tf = (per_block * weight).sum() / weight.sum()
+        loss = loss_r + st.rollout_tf * loss_tf
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_list, [p.detach() for p in params], 1 - st.rollout_ema)
+        if step % 5 == 0:
+            per_block_r = torch.stack(losses, 1).detach().mean(0)
+            rec = {"step": step, "loss": loss_r.item(), "loss_tf": loss_tf.item(), "lr": lr,
+                   "grad_norm": float(gnorm), "t": time.perf_counter() - t_start, "warm": warm,
+                   "loss_first_blocks": per_block_r[:3].mean().item(), "loss_last_blocks": per_block_r[-3:].mean().item()}
+            if show:
+                rec["pos_err_px"] = float(sum(show) / len(show))
+            log["rollout"].append(rec)
+            rec_all.append(rec)
+        if step % 25 == 0:
+            say(f"rollout step {step}/{total} loss {loss_r.item():.4f} (last blocks "
+                f"{torch.stack(losses, 1).detach().mean(0)[-3:].mean().item():.4f}) tf {loss_tf.item():.4f} "
+                f"lr {lr:.2e} {'mid-session' if warm else 'session start'}")
+        if step % 100 == 99:
+            checkpoint(final=False)
+        step += 1
+    return {"steps": step, "seconds": time.perf_counter() - t_start, "sessions_per_step": b, "blocks": kr}
 
 
 # -- outputs -------------------------------------------------------------------------------------------------------
@@ -466,16 +705,20 @@ def plot_losses(log: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "ae", "autoencoder (weighted L1 + L2)"),
-                           (axes[1], "dit", "denoiser (flow-matching MSE)")):
+    panels = [("ae", "autoencoder (weighted L1 + L2)"), ("dit", "denoiser, teacher forcing (flow-matching MSE)")]
+    if log.get("rollout"):
+        panels.append(("rollout", "denoiser on its own rollouts (x0 MSE vs expert)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+    for ax, (key, title) in zip(axes, panels):
         recs = log[key]
         if recs:
             ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label="all", lw=1)
-            for name in ("loss_sigma_lt_0.6", "loss_sigma_ge_0.6"):
+            for name in ("loss_sigma_lt_0.6", "loss_sigma_ge_0.6", "loss_tf", "loss_first_blocks", "loss_last_blocks"):
                 pts = [(r["step"], r[name]) for r in recs if name in r]
                 if pts:
                     ax.plot(*zip(*pts), label=name.replace("loss_", ""), lw=0.8, alpha=0.7)
+            if key == "rollout":
+                ax.set_xlabel("rollout step")
             ax.set_yscale("log")
             ax.legend()
         ax.set_title(title)
@@ -569,6 +812,11 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--self-context", type=float, default=0.5,
                     help="share of clips whose context is the model's own estimate (after a ramp)")
+    ap.add_argument("--rollout-share", type=float, default=0.45,
+                    help="share of the denoiser's budget for stage 3, training on its own rollouts (0: none)")
+    ap.add_argument("--rollout-batch", type=int, default=128, help="sessions per rollout step")
+    ap.add_argument("--rollout-blocks", type=int, default=16, help="blocks per rollout")
+    ap.add_argument("--rollout-lr", type=float, default=2e-4)
     ap.add_argument("--ae-share", type=float, default=0.15, help="share of the budget for the autoencoder")
     ap.add_argument("--ae-from", type=Path, default=None,
                     help="autoencoder.pt of an earlier run: skip stage 1 (e.g. two calls of a few minutes)")
@@ -588,7 +836,7 @@ def main(argv=None) -> int:
     budget = st.minutes * 60
     say(f"training {args.graph.name} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
         f"torch {torch.__version__}, budget {st.minutes:.1f} min, seed {st.seed}")
-    log = {"config": {k: v for k, v in cfg.items()}, "settings": dict(vars(st)), "ae": [], "dit": [],
+    log = {"config": {k: v for k, v in cfg.items()}, "settings": dict(vars(st)), "ae": [], "dit": [], "rollout": [],
            "device": str(device), "torch": torch.__version__}
     meta = {"made_by": "tools/train_demo.py", "seed": st.seed, "minutes": st.minutes, "graph": args.graph.name,
             "config": cfg, "prefixes": {"text_encoder": "text.", "causal_denoiser": "dit.", "latent_decoder": "decoder."}}

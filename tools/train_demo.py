@@ -330,6 +330,11 @@ class Settings:
         self.rollout_tf = 0.5  # weight of the teacher-forced batch alongside
         self.rollout_tf_batch = 2 if tiny else 32
         self.rollout_ema = 0.995
+        self.dit_from = args.dit_from
+        if self.dit_from and self.rollout_share <= 0:
+            raise SystemExit("--dit-from skips stage 2: it needs --rollout-share > 0")
+        if self.dit_from:
+            self.rollout_share = 1.0
 
 
 class StepPlan:
@@ -482,7 +487,17 @@ def train_denoiser(cfg, st: Settings, device, budget_s: float, enc, dec, log: di
         f"{sum(p.numel() for p in text.parameters()) / 1e6:.2f}M; {st.batch} clips x {k} blocks a step, "
         f"context {st.context} blocks")
     t_start, step, last_ckpt = time.perf_counter(), 0, time.perf_counter()
-    plan = StepPlan(st.max_steps, budget_s * (1 - st.rollout_share), st.fixed_steps, "denoiser")
+    if st.dit_from:  # stage 2 done already: its weights (live and EMA), and all the budget to stage 3
+        from safetensors.torch import load_file
+
+        sd = load_file(str(st.dit_from))
+        for prefix, m in (("text.", text), ("dit.", dit)):
+            m.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+        for p_ in params:
+            ema[id(p_)].copy_(p_.detach())
+        say(f"text encoder and denoiser from {st.dit_from}")
+    plan = StepPlan(0 if st.dit_from else st.max_steps, budget_s * (1 - st.rollout_share), st.fixed_steps,
+                    "denoiser")
     last_sigma = flow_sigmas(cfg["steps"], cfg["shift"])[-1]
 
     def swap_ema():  # exchange live and EMA weights in place
@@ -561,6 +576,10 @@ def train_denoiser(cfg, st: Settings, device, budget_s: float, enc, dec, log: di
         step += 1
     log["dit_final"] = {"steps": step, "seconds": time.perf_counter() - t_start}
     if st.rollout_share > 0:
+        if not st.dit_from:  # stage 2's result (EMA), to try stage 3 again from it with --dit-from
+            swap_ema()
+            save_weights(out / "teacher_forced.safetensors", text, dit, dec, dict(meta, denoiser_steps=step))
+            swap_ema()
         log["dit_final"]["rollout"] = train_rollouts(
             cfg, st, device, budget_s - (time.perf_counter() - t_start), enc, dec, text, dit, tok, opt, params,
             ema_list, mask, log, checkpoint)
@@ -592,6 +611,12 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
     t_start, step = time.perf_counter(), 0
     b, kr = st.rollout_batch, st.rollout_blocks
     say(f"rollouts: {b} sessions x {kr} blocks a step, switch p {st.rollout_switch}, lr {st.rollout_lr}")
+    # A fresh optimizer: the teacher-forcing stage's second moments are those of its small late gradients, so
+    # Adam would take steps many times the learning rate on the rollouts' larger ones (the first run here did,
+    # and lost the picture: bench/RESULTS.md).
+    decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=st.rollout_lr, betas=(0.9, 0.99))
 
     def encode(frames):  # [B, T, 3, H, W] -> [B, C, T, h, w]
         with torch.no_grad(), autocast(device):
@@ -606,7 +631,7 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
     rec_all = []
     while not plan.done(step):
         total = plan.total
-        lr = lr_at(step, total, st.rollout_lr, 20 if not st.fixed_steps else 1)
+        lr = lr_at(step, total, st.rollout_lr, 30 if not st.fixed_steps else 1)
         for g in opt.param_groups:
             g["lr"] = lr
         attrs = rollout_attrs(b, kr, rng, st.rollout_switch)
@@ -816,10 +841,12 @@ def main(argv=None) -> int:
                     help="share of the denoiser's budget for stage 3, training on its own rollouts (0: none)")
     ap.add_argument("--rollout-batch", type=int, default=128, help="sessions per rollout step")
     ap.add_argument("--rollout-blocks", type=int, default=16, help="blocks per rollout")
-    ap.add_argument("--rollout-lr", type=float, default=2e-4)
+    ap.add_argument("--rollout-lr", type=float, default=1e-4)
     ap.add_argument("--ae-share", type=float, default=0.15, help="share of the budget for the autoencoder")
     ap.add_argument("--ae-from", type=Path, default=None,
                     help="autoencoder.pt of an earlier run: skip stage 1 (e.g. two calls of a few minutes)")
+    ap.add_argument("--dit-from", type=Path, default=None,
+                    help="teacher_forced.safetensors of an earlier run (with --ae-from): stage 3 only")
     ap.add_argument("--ae-only", action="store_true", help="stage 1 only (all of --minutes); see --ae-from")
     ap.add_argument("--ae-lr", type=float, default=1e-3)
     ap.add_argument("--no-eval", action="store_true", help="skip the CPU evaluation through the engine")
@@ -836,7 +863,7 @@ def main(argv=None) -> int:
     budget = st.minutes * 60
     say(f"training {args.graph.name} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
         f"torch {torch.__version__}, budget {st.minutes:.1f} min, seed {st.seed}")
-    log = {"config": {k: v for k, v in cfg.items()}, "settings": dict(vars(st)), "ae": [], "dit": [], "rollout": [],
+    log = {"config": {k: v for k, v in cfg.items()}, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(st).items()}, "ae": [], "dit": [], "rollout": [],
            "device": str(device), "torch": torch.__version__}
     meta = {"made_by": "tools/train_demo.py", "seed": st.seed, "minutes": st.minutes, "graph": args.graph.name,
             "config": cfg, "prefixes": {"text_encoder": "text.", "causal_denoiser": "dit.", "latent_decoder": "decoder."}}

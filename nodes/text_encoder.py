@@ -54,6 +54,10 @@ class TextEncoder(Node):
         heads: int = Field(4, ge=1)
         weights: str | None = Field(None, description="local safetensors/torch file; random init if absent")
         weights_prefix: str = Field("", description="key prefix to take from a shared weights file")
+        vocabulary: list[str] = Field(default_factory=list, description="the words it was trained to understand "
+                                      "(empty: it does not say); a prompt with none of them is refused")
+        filler: list[str] = Field(default_factory=list, description="words it reads past (a, the, on...)")
+        examples: list[str] = Field(default_factory=list, description="prompts to offer a user")
 
     inputs = {"text": Port("str", description="the prompt")}
 
@@ -66,6 +70,35 @@ class TextEncoder(Node):
         if params.dim % params.heads:
             raise ValueError(f"dim ({params.dim}) must be divisible by heads ({params.heads})")
         self.tokenizer = WordTokenizer(params.vocab_size, params.max_tokens)
+
+    def words(self, text: str) -> tuple[list[str], list[str]]:
+        """(understood, not understood) words of a prompt, by `vocabulary` and `filler` (all understood if
+        the node declares no vocabulary)."""
+        words = re.findall(r"[a-z0-9]+", text.lower())
+        if not self.params.vocabulary:
+            return words, []
+        known = set(self.params.vocabulary)
+        ignored = set(self.params.filler)
+        return [w for w in words if w in known], [w for w in words if w not in known and w not in ignored]
+
+    def check_input(self, port, value):
+        if port != "text" or not self.params.vocabulary or not isinstance(value, str):
+            return None
+        known, unknown = self.words(value)
+        if not known:
+            example = f"; try e.g. '{self.params.examples[0]}'" if self.params.examples else ""
+            raise ValueError(f"no word of this prompt is one the model understands"
+                             f"{' (not understood: ' + ', '.join(unknown) + ')' if unknown else ''}; it knows: "
+                             f"{', '.join(self.params.vocabulary)}{example}")
+        if unknown:
+            return "not understood (ignored): " + ", ".join(dict.fromkeys(unknown))
+        return None
+
+    def understands(self):
+        p = self.params
+        if not (p.vocabulary or p.examples):
+            return None
+        return {"vocabulary": list(p.vocabulary), "examples": list(p.examples)}
 
     def load(self, device, dtype):
         super().load(device, dtype)

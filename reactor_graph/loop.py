@@ -21,7 +21,7 @@ from .compile import CompiledHotPath, build_executor, phase_keys
 from .devices import resolve_device, resolve_dtype
 from .emit import Block, HostCopier
 from .inputs import InputFeeds
-from .errors import NodeError, ReactorGraphError, SessionError
+from .errors import CommandError, NodeError, ReactorGraphError, SessionError
 from .host import HostFeatures
 from .hot_path import HotPath, run_node
 from .plan import Plan, Source, Wiring
@@ -200,8 +200,32 @@ class Engine(HostFeatures):
 
     # -- commands (any thread) --------------------------------------------------------------------
     def submit(self, name: str, params: dict | None = None, reply=None) -> Pending:
-        """Validate now (raises CommandError, nothing changed) and apply at the next block boundary."""
+        """Validate now (raises CommandError, nothing changed) and apply at the next block boundary. Nodes fed
+        by the slots it writes may refuse the value (CommandError) or add a `warning` to the reply's result
+        (Node.check_input: e.g. words the text encoder does not know)."""
+        warnings = self.check_command(name, params)
+        if warnings and reply is not None:
+            inner, note = reply, "; ".join(warnings)
+            reply = lambda result: inner({**result, "warning": note} if result.get("ok") else result)  # noqa: E731
         return self.commands.submit(name, params, reply)
+
+    def check_command(self, name: str, params: dict | None = None) -> list[str]:
+        """The warnings nodes give for what command `name` would write; raises CommandError if one refuses."""
+        pending = self.commands.validate(name, params)
+        if pending.command is None:
+            return []
+        writes = pending.command.writes(pending.params)
+        out = []
+        for node_name, binds in self.plan.bindings.items():
+            for port, src in binds.items():
+                if src.node is None and src.name in writes:
+                    try:
+                        note = self.nodes[node_name].check_input(port, writes[src.name])
+                    except ValueError as exc:
+                        raise CommandError(name, str(exc)) from exc
+                    if note:
+                        out.append(note)
+        return out
 
     # -- sessions -------------------------------------------------------------------------------------
     def reset_nodes(self) -> None:

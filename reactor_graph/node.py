@@ -118,6 +118,17 @@ class Node:
     def reset(self) -> None:
         """Back to the state a new session starts from."""
 
+    def check_input(self, port: str, value: Any) -> str | None:
+        """A command is about to write `value` into the slot that feeds `port`: a node that knows what it can
+        use returns a warning for the sender (the command still applies) or raises ValueError to refuse it
+        (nothing changes). Called at submit time, on the sender's thread; must not touch node state."""
+        return None
+
+    def understands(self) -> dict | None:
+        """What this node can make sense of, for people (`show`, the page): e.g. {"vocabulary": [...],
+        "examples": [...]}; None when it does not say."""
+        return None
+
     def forward(self, **inputs) -> dict[str, Any]:
         raise NotImplementedError
 

@@ -96,6 +96,7 @@ class Plan:
             "hot": [node_row(n, self.nodes[n], self.bindings[n]) for n in self.hot],
             "output": self.output,
             "alternatives": [node_row(n, a, self.alt_bindings[n]) for n, a in self.alternatives.items()],
+            "understands": {n: u for n, node in self.nodes.items() if (u := node.understands())},
             "slots": {k: v.model_dump(exclude_none=True) for k, v in self.slots.items()},
             "commands": [c.schema() for c in self.commands.values()],
         }

@@ -28,6 +28,11 @@ def print_plan(plan: Plan, console: Console) -> None:
             table.add_row(r["name"] + (" (output)" if r["name"] == d["output"] else ""), r["type"], escape(ins),
                           escape(outs), str(r["phases"]))
         console.print(table)
+    for name, u in d.get("understands", {}).items():
+        if u.get("vocabulary"):
+            console.print(f"{name} understands: " + escape(", ".join(u["vocabulary"])))
+        for ex in u.get("examples", []):
+            console.print(f"  try: {escape(ex)}")
     if d["commands"]:
         console.print("commands: " + ", ".join(c["name"] for c in d["commands"]) + ", reset (built in)")
 

@@ -125,6 +125,7 @@ function buildForms(commands) {
         reply.textContent = String(err.message || err);
         return;
       }
+      form.dataset.sent = JSON.stringify(params);
       if (send("application", cmd.name, params, uploads)) {
         reply.className = "reply";
         reply.textContent = "sent…";
@@ -142,11 +143,19 @@ function showReply(data) {
   const form = document.querySelector(`form.command[data-command="${CSS.escape(String(data.command))}"]`);
   const text = data.ok ? "applied" : "error: " + (data.error && data.error.field ? `${data.error.field}: ` : "") +
     (data.error ? (data.error.reason || data.error.message) : "failed");
-  log(`${data.command}: ${text}`);
+  const warning = data.ok && data.warning ? ` — ${data.warning}` : "";
+  log(`${data.command}: ${text}${warning}`);
   if (!form) return;
   const el = form.querySelector(".reply");
-  el.className = "reply " + (data.ok ? "ok" : "err");
-  el.textContent = text;
+  el.className = "reply " + (data.ok ? (warning ? "warn" : "ok") : "err");
+  el.textContent = text + warning;
+  const sent = form.dataset.sent ? JSON.parse(form.dataset.sent) : {};
+  if (data.ok && typeof sent.prompt === "string") { // what the video shows now (the model's own reading: the warning)
+    state.prompt = sent.prompt;
+    const now = $("prompt-now");
+    now.hidden = false;
+    now.textContent = `now showing: "${sent.prompt}"${warning}`;
+  }
 }
 
 // -- stats ---------------------------------------------------------------------------------------------

@@ -297,6 +297,36 @@ def test_batched_rollouts_are_the_nodes_own_inference():
             torch.testing.assert_close(got[0], want)
 
 
+def test_the_streaming_pool_is_the_nodes_own_inference_for_sessions_started_at_any_time():
+    """PoolCache (stage 3's pool: every session at its own point of its stream, restarts masked) gives what
+    CausalDenoiser.generate gives each session on its own, from its start through the cache filling and
+    rolling."""
+    from reactor_graph.plan import load_plan
+
+    train = _tool("train_demo")
+    torch.manual_seed(0)
+    node = load_plan(DEMO).nodes["denoise"]
+    node.params.weights = None
+    node.load(torch.device("cpu"), torch.float32)
+    for blk in node.model.blocks:  # random (not adaLN-zero) modulation, so attention matters
+        torch.nn.init.normal_(blk.modulation.weight, std=0.05)
+    starts, blocks = [0, 2, 4], 8
+    pool = train.PoolCache(node.model, node.params.cache_blocks, node.params.steps, node.params.shift, 3, "cpu")
+    texts, noises = torch.randn(blocks, 3, 16, 64), torch.randn(blocks, 3, 4, 2, 16, 16)
+    got = torch.zeros(blocks, 3, 4, 2, 16, 16)
+    with torch.no_grad():
+        for k in range(blocks):
+            pool.restart(torch.tensor([k == s for s in starts]))
+            pool.begin_block()
+            got[k] = pool.denoise(noises[k], texts[k])[-1]
+            pool.write(got[k], texts[k])
+        for i, s in enumerate(starts):
+            node.reset()
+            for k in range(s, blocks):
+                want = node.generate(texts[k, i], noises[k, i], node.phase_for_block(k - s))
+                torch.testing.assert_close(got[k, i], want, atol=2e-5, rtol=1e-4)
+
+
 def test_the_expert_reads_where_a_shape_is_across_the_edge():
     train = _tool("train_demo")
     c = data.make_clips(16, 1, rng=random.Random(2), generator=torch.Generator().manual_seed(2))

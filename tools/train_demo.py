@@ -112,15 +112,16 @@ class RunningNorm(nn.Module):
 class Encoder(nn.Module):
     """Frames [B, 3, H, W] in [-1, 1] -> latents [B, C, H/u, W/u], normalised per channel (training only)."""
 
-    def __init__(self, channels: int, width: int, downsample: int):
+    def __init__(self, channels: int, width: int, downsample: int, norm: bool = True):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(3, 32, 3, padding=1), nn.SiLU()]
         w = 32
         for _ in range(int(math.log2(downsample))):
             layers += [nn.Conv2d(w, width, 4, stride=2, padding=1), nn.SiLU()]
             w = width
-        layers += [nn.Conv2d(w, w, 3, padding=1), nn.SiLU(), nn.Conv2d(w, channels, 3, padding=1),
-                   RunningNorm(channels)]
+        layers += [nn.Conv2d(w, w, 3, padding=1), nn.SiLU(), nn.Conv2d(w, channels, 3, padding=1)]
+        if norm:
+            layers.append(RunningNorm(channels))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -250,6 +251,95 @@ class BatchedCache:
         self.blocks += 1
 
 
+def _pool_block(blk, x, temb, text, pos, ck_r, cv, mask):
+    """Block.forward with the cache's keys already rotated (ck_r) and a per-session key mask [B, 1, 1, M+N]."""
+    sh1, sc1, g1, sh2, sc2, g2 = blk.modulation(temb).unsqueeze(1).chunk(6, dim=-1)
+    h = blk.norm1(x) * (1 + sc1) + sh1
+    q, k, v = (blk.split(t) for t in blk.qkv(h).chunk(3, dim=-1))
+    if ck_r is not None:
+        k_all, v_all = torch.cat([ck_r.to(k.dtype), rope(k, pos)], dim=2), torch.cat([cv.to(v.dtype), v], dim=2)
+        a = F.scaled_dot_product_attention(rope(q, pos), k_all, v_all, attn_mask=mask)
+    else:
+        a = F.scaled_dot_product_attention(rope(q, pos), rope(k, pos), v)
+    x = x + g1 * blk.proj(a.transpose(1, 2).flatten(2))
+    tk, tv = blk.cross_kv(text).chunk(2, dim=-1)
+    a = F.scaled_dot_product_attention(blk.split(blk.cross_q(blk.norm2(x))), blk.split(tk), blk.split(tv))
+    x = x + blk.cross_proj(a.transpose(1, 2).flatten(2))
+    h = blk.norm3(x) * (1 + sc2) + sh2
+    return x + g2 * blk.mlp(h), k, v
+
+
+class PoolCache:
+    """A pool of streaming sessions, each at its own point of its stream, advanced one block at a time: the
+    node's rolling cache (CausalDenoiser.generate) for every session at once, sessions restarting whenever
+    they like. The window always holds `cache_blocks - 1` context blocks; a session with fewer behind it
+    (a fresh start) has the missing ones masked out. Rotary positions are relative, so a block placed at the
+    window's end with masked slots sees exactly what the node's block at phase `valid` sees (a test checks)."""
+
+    def __init__(self, dit: CausalDiT, cache_blocks: int, steps: int, shift: float, batch: int, device):
+        self.dit, self.ctx, self.b = dit, max(cache_blocks - 1, 0), batch
+        self.n = dit.frames * dit.tokens_per_frame
+        self.sigmas = flow_sigmas(steps, shift) + [0.0]
+        self.k = self.v = None  # [layers, B, H, ctx*N, d], pre-rope, allocated at the first write
+        self.valid = torch.zeros(batch, dtype=torch.long, device=device)  # context blocks behind each session
+        self.pos = dit.frame_positions(self.ctx * dit.frames, device)
+        self.cache_pos = torch.arange(self.ctx * self.n, device=device) // dit.tokens_per_frame
+        self.slot = torch.arange(self.ctx * self.n, device=device) // self.n
+        self._ck_r = None
+
+    def restart(self, which: torch.Tensor) -> None:
+        """Sessions `which` [B] bool start afresh (no context)."""
+        self.valid = torch.where(which, torch.zeros_like(self.valid), self.valid)
+
+    def begin_block(self) -> None:
+        """Once per block: the cache's rotated keys and the mask (the same for every forward of the block)."""
+        if self.k is None or self.ctx == 0 or not bool((self.valid > 0).any()):
+            self._ck_r = None  # no session has context: self-attention only
+            return
+        self._ck_r = [rope(self.k[i], self.cache_pos) for i in range(self.k.shape[0])]
+        ok = self.slot[None] >= (self.ctx - self.valid)[:, None]  # [B, M]
+        ok = torch.cat([ok, torch.ones(self.b, self.n, dtype=torch.bool, device=ok.device)], dim=1)
+        self._mask = ok[:, None, None, :]
+
+    def forward(self, x, sigma, text):
+        dit = self.dit
+        h = dit.embed(dit.patchify(x)) + dit.spatial.repeat(dit.frames, 1)
+        temb = dit.time_embedding(sigma)
+        ks, vs = [], []
+        for i, blk in enumerate(dit.blocks):
+            ck = self._ck_r[i] if self._ck_r is not None else None
+            cv = self.v[i] if self._ck_r is not None else None
+            h, k, v = _pool_block(blk, h, temb, text, self.pos, ck, cv, self._mask if ck is not None else None)
+            ks.append(k)
+            vs.append(v)
+        return dit.unpatchify(dit.out(dit.norm_out(h))), ks, vs
+
+    def flow(self, x, sigma, text):
+        return self.forward(x, sigma, text)[0]
+
+    def denoise(self, noise, text) -> list[torch.Tensor]:
+        xs = [noise]
+        for s, s_next in zip(self.sigmas[:-1], self.sigmas[1:]):
+            x = xs[-1]
+            sigma = torch.full((x.shape[0],), s, device=x.device)
+            xs.append(x + (s_next - s) * self.flow(x, sigma, text).to(x.dtype))
+        return xs
+
+    def write(self, x, text) -> None:
+        """The clean pass; the oldest context block leaves the window, x's keys/values join it."""
+        _, ks, vs = self.forward(x, torch.zeros(x.shape[0], device=x.device), text)
+        k, v = torch.stack(ks), torch.stack(vs)
+        if self.ctx == 0:
+            return
+        if self.k is None:
+            shape = (*k.shape[:3], self.ctx * self.n, k.shape[-1])
+            self.k = torch.zeros(shape, device=k.device, dtype=k.dtype)
+            self.v = torch.zeros(shape, device=k.device, dtype=k.dtype)
+        self.k = torch.cat([self.k[:, :, :, self.n:], k.to(self.k.dtype)], dim=3)
+        self.v = torch.cat([self.v[:, :, :, self.n:], v.to(self.v.dtype)], dim=3)
+        self.valid = (self.valid + 1).clamp(max=self.ctx)
+
+
 SWITCH_KINDS = [("colour", 0.18), ("shape", 0.24), ("motion", 0.14), ("background", 0.12), ("size", 0.10),
                 ("everything", 0.22)]
 
@@ -277,7 +367,7 @@ def rollout_attrs(batch: int, blocks: int, rng: random.Random, switch_prob: floa
     return out
 
 
-def shape_centres(frames: torch.Tensor, bg: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+def shape_centres(frames: torch.Tensor, bg: torch.Tensor, fallback: torch.Tensor, with_ok: bool = False):
     """(x, y) [B, 2] of the shape in frames [B, 3, H, W] in [-1, 1] on the torus (circular mean of the pixels
     far from the background colour bg [B, 3] in [0, 1], as demo_data.foreground), or `fallback` where there
     is no shape to read (too few pixels, or the background itself is off)."""
@@ -292,7 +382,8 @@ def shape_centres(frames: torch.Tensor, bg: torch.Tensor, fallback: torch.Tensor
         out.append((ang * n / (2 * math.pi) - 0.5) % n)
     est = torch.stack(out, dim=-1)
     ok = ((area > 40) & (area < 0.4 * h * w))[:, None]
-    return torch.where(ok, est, fallback)
+    out = torch.where(ok, est, fallback)
+    return (out, ok[:, 0]) if with_ok else out
 
 
 # -- training ---------------------------------------------------------------------------------------------------
@@ -322,17 +413,21 @@ class Settings:
         self.checkpoint_s = 60 if tiny else 90
         # stage 3: rollouts (Self-Forcing style)
         self.rollout_share = args.rollout_share  # of the denoiser's budget, at its end
-        self.rollout_batch = 2 if tiny else args.rollout_batch
-        self.rollout_blocks = 4 if tiny else args.rollout_blocks
-        self.rollout_max_steps = 2 if tiny else 1_000_000
-        self.rollout_switch = 0.15  # switch probability at each block boundary
+        self.rollout_batch = 4 if tiny else args.rollout_batch  # sessions in the streaming pool
+        self.rollout_max_steps = args.rollout_steps or (2 if tiny else 1_000_000)
+        self.rollout_fixed = tiny or bool(args.rollout_steps)
+        self.rollout_life = (4, 12) if tiny else (16, 320)  # a session's length in blocks (uniform)
+        self.rollout_burn_in = 2 if tiny else args.rollout_burn_in  # blocks the pool plays before training
+        self.rollout_switch = 0.04  # a session's chance of a prompt switch at each block (about every 3 s)
         self.rollout_lr = args.rollout_lr
         self.rollout_tf = 0.5  # weight of the teacher-forced batch alongside
-        self.rollout_tf_batch = 2 if tiny else 32
+        self.rollout_tf_batch = 2 if tiny else args.rollout_tf_batch
         self.rollout_ema = 0.995
         self.dit_from = args.dit_from
         if self.dit_from and self.rollout_share <= 0:
             raise SystemExit("--dit-from skips stage 2: it needs --rollout-share > 0")
+        if args.init_from:
+            self.dit_from = args.init_from
         if self.dit_from:
             self.rollout_share = 1.0
 
@@ -511,6 +606,7 @@ def train_denoiser(cfg, st: Settings, device, budget_s: float, enc, dec, log: di
         swap_ema()
         save_weights(out / "demo_weights.safetensors", text, dit, dec, dict(meta, denoiser_steps=step, final=final))
         swap_ema()
+        (out / "train_log.json").write_text(json.dumps(log, indent=1))  # so far, should the run be cut short
 
     while not plan.done(step):
         total = plan.total
@@ -591,32 +687,43 @@ def train_denoiser(cfg, st: Settings, device, budget_s: float, enc, dec, log: di
 
 def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, dit, tok, opt, params, ema_list,
                    mask, log: dict, checkpoint) -> dict:
-    """Stage 3, Self-Forcing style: the model generates whole sessions block by block through the KV cache
-    (BatchedCache: what the node does), its own blocks as context, prompt switches and edge wrap-arounds on
-    the way, and the few-step denoiser is trained on those rollouts. Self-Forcing's gradient: for each block,
-    one denoising step picked at random, with gradient, from the state the model's own chain reached (the
-    cache, written with no gradient, is the model's own). Its target, where Self-Forcing has a teacher's
-    score (DMD): an expert that knows what the frame must show, the data generator. It reads where the
-    model's last frame put the shape (decoded, circular centroid) and renders the next block from there with
-    the block's prompt, so the model learns to continue its own picture cleanly: keep the shape whole, move it
-    on, wrap it round the edge, and take a new prompt at once. A teacher-forced batch rides along (weight
-    `rollout_tf`) so the clean pass that writes the cache keeps being trained."""
+    """Stage 3, Self-Forcing style, streaming: a pool of `rollout_batch` sessions plays on from step to step,
+    each at its own point of its stream (PoolCache: the node's rolling cache, batched), and each training
+    step generates ONE more block of every session through the KV cache with the model's own blocks as
+    context, so a step costs one block, not a whole rollout, and the model trains on the states a long stream
+    reaches (edge wrap-arounds every few seconds, prompt switches, blocks hundreds deep). Sessions end after a
+    random length and start again (a fresh session: no context, shape centred), so starts are trained too.
+
+    Self-Forcing's gradient: one denoising step of each new block, picked at random, with gradient, from the
+    state the model's own no-grad chain reached (the cache, written with no gradient, is the model's own).
+    The target, where Self-Forcing has a teacher's score (DMD), is an expert that knows what the frame must
+    show, the data generator: it reads where the model's last frame put the shape (decoded, circular
+    centroid; the expert's own place when the model's frame has no shape) and renders the next block from
+    there with the session's current prompt. So the model learns to continue its own picture cleanly: keep
+    the shape whole, move it on, wrap it round the edge, bring a lost shape back, take a new prompt at once.
+    A teacher-forced batch rides along (weight `rollout_tf`) so the clean pass that writes the cache keeps
+    being trained."""
     rng, gen = random.Random(st.seed + 2), torch.Generator(device="cpu").manual_seed(st.seed + 2)
     fpb, size, steps = cfg["dit"]["frames"], cfg["size"], cfg["steps"]
     h, w = size
     k_tf = st.blocks
     bg_tab = torch.tensor(list(data.BACKGROUNDS.values()), device=device)
     vel_tab = torch.tensor(list(data.MOTIONS.values()), device=device) * data.SPEED * (w / 128.0)
-    plan = StepPlan(st.rollout_max_steps, budget_s, st.fixed_steps, "rollouts")
-    t_start, step = time.perf_counter(), 0
-    b, kr = st.rollout_batch, st.rollout_blocks
-    say(f"rollouts: {b} sessions x {kr} blocks a step, switch p {st.rollout_switch}, lr {st.rollout_lr}")
+    plan = StepPlan(st.rollout_max_steps, budget_s, st.rollout_fixed, "rollouts")
+    b = st.rollout_batch
+    lo, hi = st.rollout_life
+    say(f"rollouts: a pool of {b} streaming sessions, one block each a step, sessions {lo}-{hi} blocks long, "
+        f"switch p {st.rollout_switch} a block, lr {st.rollout_lr}, teacher-forced batch {st.rollout_tf_batch}")
     # A fresh optimizer: the teacher-forcing stage's second moments are those of its small late gradients, so
     # Adam would take steps many times the learning rate on the rollouts' larger ones (the first run here did,
     # and lost the picture: bench/RESULTS.md).
     decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=st.rollout_lr, betas=(0.9, 0.99))
+    kinds, kind_w = zip(*SWITCH_KINDS)
+
+    def fresh():
+        return data.sample_attrs(1, 1, rng, 0.0)[0][0]
 
     def encode(frames):  # [B, T, 3, H, W] -> [B, C, T, h, w]
         with torch.no_grad(), autocast(device):
@@ -628,75 +735,101 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
         a = F.max_pool2d(a, 3, 1, 1)  # and its neighbours (the decoder's receptive field)
         return (1 + 4 * a)[:, None]
 
-    rec_all = []
-    while not plan.done(step):
-        total = plan.total
-        lr = lr_at(step, total, st.rollout_lr, 30 if not st.fixed_steps else 1)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        attrs = rollout_attrs(b, kr, rng, st.rollout_switch)
-        prompts = [[data.describe(a, rng) for a in clip] for clip in attrs]
-        ids = tokenize(tok, prompts, device)  # [B, K, L]
-        idx = {f: torch.tensor([[data.NAMES[f].index(a[f]) for a in clip] for clip in attrs], device=device)
-               for f in ("background", "motion")}
-        cache = BatchedCache(dit, cfg["cache_blocks"], steps, cfg["shift"])
-        warm = step % 2 == 1  # odd steps: mid-session (ground-truth context, shape anywhere); even: a session's start
-        losses, show = [], []
+    # the pool's state
+    cache = PoolCache(dit, cfg["cache_blocks"], steps, cfg["shift"], b, device)
+    attrs = [fresh() for _ in range(b)]
+    prompts = [data.describe(a, rng) for a in attrs]
+    ids = torch.stack([tok(p) for p in prompts]).to(device)  # [B, L]
+    age = [0] * b
+    life = [rng.randint(1, hi) for _ in range(b)]  # the first lives staggered, so starts are spread out
+    last_switch = [-10] * b
+    pos = torch.tensor([[w / 2, h / 2]], device=device).repeat(b, 1)
+
+    def advance(train: bool):
+        """One block of every session; returns (per-session loss [B] or None, shape-found [B], expert err)."""
+        nonlocal ids, pos
+        restart = []
+        for i in range(b):  # session ends and prompt switches (a user editing the prompt)
+            if age[i] >= life[i]:
+                attrs[i], age[i], life[i], last_switch[i] = fresh(), 0, rng.randint(lo, hi), -10
+                prompts[i] = data.describe(attrs[i], rng)
+                ids[i] = tok(prompts[i]).to(device)
+                restart.append(i)
+            elif age[i] - last_switch[i] > 3 and rng.random() < st.rollout_switch:
+                kind = rng.choices(kinds, kind_w)[0]
+                while True:
+                    nb = fresh() if kind == "everything" else dict(attrs[i], **{kind: fresh()[kind]})
+                    if nb != attrs[i] and (nb["colour"], nb["background"]) not in data.CLASHES:
+                        break
+                attrs[i], last_switch[i] = nb, age[i]
+                prompts[i] = data.describe(nb, rng)
+                ids[i] = tok(prompts[i]).to(device)
+        start_now = torch.tensor([a == 0 for a in age], device=device)
+        if restart:
+            r = torch.zeros(b, dtype=torch.bool, device=device)
+            r[restart] = True
+            cache.restart(r)
+        mi = torch.tensor([data.NAMES["motion"].index(a["motion"]) for a in attrs], device=device)
+        bgi = torch.tensor([data.NAMES["background"].index(a["background"]) for a in attrs], device=device)
+        centre0 = torch.tensor([[w / 2, h / 2]], device=device)
+        start = torch.where(start_now[:, None], centre0, pos + vel_tab[mi])
+        frames, alpha, centre = data.render([[a] for a in attrs], fpb, size, start, device)
+        cache.begin_block()
+        err = None
         with autocast(device):
-            emb = text(ids.flatten(0, 1)).view(b, kr, ids.shape[-1], -1)
-            k0 = 0
-            if warm:
-                k0 = st.context
-                start = torch.rand(b, 2, generator=gen) * torch.tensor([float(w), float(h)])
-                frames, _, centre = data.render([clip[:k0] for clip in attrs], fpb, size, start, device)
-                z = encode(frames)  # [B, C, k0*T, h, w]
-                with torch.no_grad():
-                    for k in range(k0):
-                        cache.begin_block()
-                        cache.write(z[:, :, k * fpb:(k + 1) * fpb], emb[:, k].detach())
-                pos = centre[:, -1]
-            else:
-                pos = torch.tensor([[w / 2, h / 2]], device=device).repeat(b, 1)
-            for k in range(k0, kr):
-                start = pos + vel_tab[idx["motion"][:, k]] if k > 0 else pos
-                frames, alpha, centre = data.render([[clip[k]] for clip in attrs], fpb, size, start, device)
+            emb = text(ids) if train else None
+            emb_ng = emb.detach() if train else text(ids).detach()
+            with torch.no_grad():
+                chain = cache.denoise(torch.randn(b, dit.channels, fpb, *dit.size, device=device), emb_ng)
+            if train:
                 target = encode(frames)
-                cache.begin_block()
-                with torch.no_grad():
-                    chain = cache.denoise(torch.randn_like(target), emb[:, k].detach())
                 j = torch.randint(steps, (b,), device=device)  # the step that gets the gradient, per session
                 x_j = torch.stack(chain[:steps])[j, torch.arange(b, device=device)]
                 sig = torch.tensor(cache.sigmas[:steps], device=device)[j]
-                flow = cache.flow(x_j, sig, emb[:, k]).float()
+                flow = cache.flow(x_j, sig, emb).float()
                 x0 = x_j - sig.view(b, 1, 1, 1, 1) * flow
                 err = ((x0 - target) ** 2 * latent_weight(alpha)).mean((1, 2, 3, 4))
-                losses.append(err)
-                block = chain[-1]
-                with torch.no_grad():
-                    cache.write(block, emb[:, k].detach())
-                    last = dec(block[:, :, -1]).float()  # the model's own last frame
-                    pos = shape_centres(last, bg_tab[idx["background"][:, k]], centre[:, -1])
-                    if step % 5 == 0:  # how far the model's shape is from where the expert drew it
-                        d = (pos - centre[:, -1] + torch.tensor([w / 2, h / 2], device=device)) % torch.tensor(
-                            [float(w), float(h)], device=device) - torch.tensor([w / 2, h / 2], device=device)
-                        show.append(float(d.norm(dim=-1).mean()))
-            loss_r = torch.stack(losses, 1).mean()
-            # teacher forcing alongside
-            clips = data.make_clips(st.rollout_tf_batch, k_tf, fpb, size, rng, gen, device,
-                                    switch_prob=st.switch_prob, start_prob=st.start_prob)
-            tids = tokenize(tok, clips.prompts, device)
-            bt = tids.shape[0]
+            block = chain[-1]
             with torch.no_grad():
-                zz = enc(clips.frames.flatten(0, 1)).float()
-            zz = zz.view(bt, k_tf, fpb, *zz.shape[1:]).transpose(2, 3)
-            sigma = sample_sigma((bt, k_tf), cfg, device)
-            noise = torch.randn_like(zz)
-            sv = sigma.view(bt, k_tf, 1, 1, 1, 1)
+                cache.write(block, emb_ng)
+                last = dec(block[:, :, -1]).float()  # the model's own last frame
+                pos, found = shape_centres(last, bg_tab[bgi], centre[:, -1], with_ok=True)
+                d = (pos - centre[:, -1] + torch.tensor([w / 2, h / 2], device=device)) % torch.tensor(
+                    [float(w), float(h)], device=device) - torch.tensor([w / 2, h / 2], device=device)
+        for i in range(b):
+            age[i] += 1
+        return err, found, d.norm(dim=-1)
+
+    t_b = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(st.rollout_burn_in):  # the pool plays a while first: sessions at all depths
+            advance(False)
+    say(f"rollouts: pool burnt in over {st.rollout_burn_in} blocks in {time.perf_counter() - t_b:.1f} s")
+    t_start, step = time.perf_counter(), 0
+    while not plan.done(step):
+        total = plan.total
+        lr = lr_at(step, total, st.rollout_lr, min(50, max(total // 10, 1)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        err, found, derr = advance(True)
+        loss_r = err.mean()
+        # teacher forcing alongside
+        clips = data.make_clips(st.rollout_tf_batch, k_tf, fpb, size, rng, gen, device,
+                                switch_prob=st.switch_prob, start_prob=st.start_prob)
+        tids = tokenize(tok, clips.prompts, device)
+        bt = tids.shape[0]
+        with torch.no_grad(), autocast(device):
+            zz = enc(clips.frames.flatten(0, 1)).float()
+        zz = zz.view(bt, k_tf, fpb, *zz.shape[1:]).transpose(2, 3)
+        sigma = sample_sigma((bt, k_tf), cfg, device)
+        noise = torch.randn_like(zz)
+        sv = sigma.view(bt, k_tf, 1, 1, 1, 1)
+        with autocast(device):
             temb = text(tids.flatten(0, 1)).view(bt, k_tf, tids.shape[-1], -1)
             pred = teacher_forced(dit, zz, (1 - sv) * zz + sv * noise, sigma, temb, st.context, mask)
-            per_block = ((pred.float() - (noise - zz)) ** 2).mean((2, 3, 4, 5))
-            weight = (clips.start[:, None] | (torch.arange(k_tf, device=device) >= st.context)[None]).float()
-            loss_tf = (per_block * weight).sum() / weight.sum()
+        per_block = ((pred.float() - (noise - zz)) ** 2).mean((2, 3, 4, 5))
+        weight = (clips.start[:, None] | (torch.arange(k_tf, device=device) >= st.context)[None]).float()
+        loss_tf = (per_block * weight).sum() / weight.sum()
         loss = loss_r + st.rollout_tf * loss_tf
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -704,23 +837,106 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
         opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema_list, [p.detach() for p in params], 1 - st.rollout_ema)
-        if step % 5 == 0:
-            per_block_r = torch.stack(losses, 1).detach().mean(0)
+        if step % 10 == 0:
             rec = {"step": step, "loss": loss_r.item(), "loss_tf": loss_tf.item(), "lr": lr,
-                   "grad_norm": float(gnorm), "t": time.perf_counter() - t_start, "warm": warm,
-                   "loss_first_blocks": per_block_r[:3].mean().item(), "loss_last_blocks": per_block_r[-3:].mean().item()}
-            if show:
-                rec["pos_err_px"] = float(sum(show) / len(show))
+                   "grad_norm": float(gnorm), "t": time.perf_counter() - t_start,
+                   "blank_share": 1.0 - found.float().mean().item(), "pos_err_px": derr.mean().item(),
+                   "mean_age": sum(age) / b}
             log["rollout"].append(rec)
-            rec_all.append(rec)
-        if step % 25 == 0:
-            say(f"rollout step {step}/{total} loss {loss_r.item():.4f} (last blocks "
-                f"{torch.stack(losses, 1).detach().mean(0)[-3:].mean().item():.4f}) tf {loss_tf.item():.4f} "
-                f"lr {lr:.2e} {'mid-session' if warm else 'session start'}")
-        if step % 100 == 99:
+        if step % 100 == 0:
+            r = log["rollout"][-10:]
+            say(f"rollout step {step}/{total} loss {sum(x['loss'] for x in r) / len(r):.4f} tf "
+                f"{sum(x['loss_tf'] for x in r) / len(r):.4f} no shape {100 * sum(x['blank_share'] for x in r) / len(r):.1f}% "
+                f"pos err {sum(x['pos_err_px'] for x in r) / len(r):.1f} px lr {lr:.2e}")
+        if step % 500 == 499:
             checkpoint(final=False)
         step += 1
-    return {"steps": step, "seconds": time.perf_counter() - t_start, "sessions_per_step": b, "blocks": kr}
+    return {"steps": step, "seconds": time.perf_counter() - t_start, "sessions": b,
+            "blocks_per_step": 1, "burn_in": st.rollout_burn_in, "life": [lo, hi]}
+
+
+def fit_encoder(cfg, st: Settings, device, budget_s: float, weights: Path, log: dict):
+    """An encoder for a trained decoder: stage 3 from shipped weights needs latents of their decoder's space
+    (the encoder that made it is not shipped). The decoder stays frozen; the encoder learns to give latents
+    it decodes to the frame (the autoencoder's loss), and, anchoring it to the space the denoiser was trained
+    in, to give back the denoiser's own latents from their decoded frames (a cycle term on blocks the
+    shipped model generates)."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(weights))
+    text, dit, dec = build_models(cfg)
+    for prefix, m in (("text.", text), ("dit.", dit), ("decoder.", dec)):
+        m.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+    for m in (text, dit, dec):
+        m.to(device).eval().requires_grad_(False)
+    dcfg, fpb = cfg["decoder"], cfg["dit"]["frames"]
+    tok = WordTokenizer(cfg["text"]["vocab_size"], cfg["text"]["max_tokens"])
+    rng, gen = random.Random(st.seed + 5), torch.Generator().manual_seed(st.seed + 5)
+    # blocks of the denoiser's own, a few deep into their streams
+    nb, blocks = (8, 3) if st.fixed_steps or device.type == "cpu" else (256, 6)
+    pool = PoolCache(dit, cfg["cache_blocks"], cfg["steps"], cfg["shift"], nb, device)
+    attrs = [a[0] for a in data.sample_attrs(nb, 1, rng, 0.0)]
+    ids = torch.stack([tok(data.describe(a, rng)) for a in attrs]).to(device)
+    own = []
+    with torch.no_grad(), autocast(device):
+        emb = text(ids)
+        for _ in range(blocks):
+            pool.begin_block()
+            x = pool.denoise(torch.randn(nb, dit.channels, fpb, *dit.size, device=device), emb)[-1]
+            pool.write(x, emb)
+            own.append(x.float().transpose(1, 2).flatten(0, 1))  # [nb*T, C, h, w]
+        own = torch.cat(own)
+        own_img = dec(own).float().clamp(-1, 1)
+    enc = Encoder(dcfg["channels"], 64, dcfg["upsample"], norm=False).to(device)
+    opt = torch.optim.AdamW(enc.parameters(), lr=st.ae_lr, weight_decay=0.0)
+    plan = StepPlan(st.ae_max_steps, budget_s, st.fixed_steps, "encoder")
+    t_start, step = time.perf_counter(), 0
+    log["enc"] = []
+    while not plan.done(step):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, plan.total, st.ae_lr, 50)
+        clips = data.make_clips(st.ae_batch // fpb, 1, fpb, cfg["size"], rng, gen, device, switch_prob=0.0,
+                                vary_text=False)
+        x, a = clips.frames.flatten(0, 1), clips.alpha.flatten(0, 1)[:, None]
+        sel = torch.randint(own.shape[0], (st.ae_batch // 2,), device=device)
+        with autocast(device):
+            y = dec(enc(x))
+            zc = enc(own_img[sel])
+        err = y.float() - x
+        wgt = 1 + 8 * a
+        rec = (wgt * err.abs()).mean() + (wgt * err * err).mean()
+        cyc = ((zc.float() - own[sel]) ** 2).mean()
+        loss = rec + 0.5 * cyc
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(enc.parameters(), 1.0)
+        opt.step()
+        if step % 20 == 0:
+            log["enc"].append({"step": step, "loss": loss.item(), "rec": rec.item(), "cycle": cyc.item(),
+                               "t": time.perf_counter() - t_start})
+        if step % 500 == 0:
+            say(f"encoder step {step}/{plan.total} rec {rec.item():.4f} cycle {cyc.item():.4f}")
+        step += 1
+    enc.eval()
+    with torch.no_grad():
+        clips = data.make_clips(64, 1, fpb, cfg["size"], random.Random(st.seed + 99),
+                                torch.Generator().manual_seed(st.seed + 99), device, switch_prob=0.0, vary_text=False)
+        x = clips.frames.flatten(0, 1)
+        z = enc(x)
+        y = dec(z)
+        mse = ((y - x) ** 2).mean().item()
+        shape_mse = (((y - x) ** 2) * clips.alpha.flatten(0, 1)[:, None]).sum().item() / (
+            3 * clips.alpha.sum().item() + 1e-6)
+        cyc = ((enc(own_img) - own) ** 2).mean().item()
+    log["ae_final"] = {"encoder_fitted_to": str(weights), "steps": step,
+                       "psnr": -10 * math.log10(max(mse / 4, 1e-10)),
+                       "shape_psnr": -10 * math.log10(max(shape_mse / 4, 1e-10)), "cycle_mse": cyc,
+                       "latent_mean": z.mean((0, 2, 3)).tolist(), "latent_std": z.std((0, 2, 3)).tolist()}
+    say(f"encoder fitted to {weights.name}'s decoder: {step} steps, psnr {log['ae_final']['psnr']:.1f} dB (shape "
+        f"{log['ae_final']['shape_psnr']:.1f} dB), cycle mse {cyc:.4f}, latent std "
+        f"{[round(v, 2) for v in log['ae_final']['latent_std']]}")
+    dec.requires_grad_(False)
+    return enc, dec
 
 
 # -- outputs -------------------------------------------------------------------------------------------------------
@@ -839,14 +1055,20 @@ def main(argv=None) -> int:
                     help="share of clips whose context is the model's own estimate (after a ramp)")
     ap.add_argument("--rollout-share", type=float, default=0.45,
                     help="share of the denoiser's budget for stage 3, training on its own rollouts (0: none)")
-    ap.add_argument("--rollout-batch", type=int, default=128, help="sessions per rollout step")
-    ap.add_argument("--rollout-blocks", type=int, default=16, help="blocks per rollout")
+    ap.add_argument("--rollout-batch", type=int, default=512, help="sessions in the streaming pool (stage 3)")
+    ap.add_argument("--rollout-tf-batch", type=int, default=32, help="teacher-forced clips alongside each stage-3 step")
+    ap.add_argument("--rollout-steps", type=int, default=None, help="fix stage 3's step count (else the budget)")
+    ap.add_argument("--rollout-burn-in", type=int, default=48, help="blocks the pool plays before stage 3 trains")
     ap.add_argument("--rollout-lr", type=float, default=1e-4)
     ap.add_argument("--ae-share", type=float, default=0.15, help="share of the budget for the autoencoder")
     ap.add_argument("--ae-from", type=Path, default=None,
                     help="autoencoder.pt of an earlier run: skip stage 1 (e.g. two calls of a few minutes)")
     ap.add_argument("--dit-from", type=Path, default=None,
                     help="teacher_forced.safetensors of an earlier run (with --ae-from): stage 3 only")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="trained demo weights (e.g. graphs/demo_weights.safetensors): fit an encoder to their "
+                         "decoder (--enc-seconds), then stage 3 alone from their text encoder and denoiser")
+    ap.add_argument("--enc-seconds", type=float, default=45.0, help="encoder fitting time with --init-from")
     ap.add_argument("--ae-only", action="store_true", help="stage 1 only (all of --minutes); see --ae-from")
     ap.add_argument("--ae-lr", type=float, default=1e-3)
     ap.add_argument("--no-eval", action="store_true", help="skip the CPU evaluation through the engine")
@@ -868,7 +1090,11 @@ def main(argv=None) -> int:
     meta = {"made_by": "tools/train_demo.py", "seed": st.seed, "minutes": st.minutes, "graph": args.graph.name,
             "config": cfg, "prefixes": {"text_encoder": "text.", "causal_denoiser": "dit.", "latent_decoder": "decoder."}}
 
-    if args.ae_from:  # stage 1 done already (e.g. in an earlier run): all the budget goes to stage 2
+    if args.init_from:  # from trained weights: an encoder for their decoder, then stage 3 alone
+        enc, dec = fit_encoder(cfg, st, device, args.enc_seconds, args.init_from, log)
+        torch.save({"encoder": enc.state_dict(), "decoder": dec.state_dict()}, args.out / "autoencoder.pt")
+        meta["initialised_from"] = str(args.init_from.name)
+    elif args.ae_from:  # stage 1 done already (e.g. in an earlier run): all the budget goes to stage 2
         enc = Encoder(cfg["decoder"]["channels"], 64, cfg["decoder"]["upsample"])
         _, _, dec = build_models(cfg)
         ae = torch.load(args.ae_from, map_location="cpu", weights_only=True)
@@ -889,6 +1115,7 @@ def main(argv=None) -> int:
     text, dit = train_denoiser(cfg, st, device, budget - (t_dit - T0), enc, dec, log, args.out, meta)
     weights = args.out / "demo_weights.safetensors"
     save_weights(weights, text, dit, dec, dict(meta, denoiser_steps=log["dit_final"]["steps"],
+                                               rollout=log["dit_final"].get("rollout"),
                                                autoencoder=log["ae_final"], final=True))
     say(f"wrote {weights} ({weights.stat().st_size / 1e6:.1f} MB)")
     log["wall_s"] = time.perf_counter() - T0

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the built-in demo's model (graphs/demo.yaml) on the procedural shapes data set (tools/demo_data.py).
 
-Two stages, one fixed seed, a wall-clock budget (`--minutes`, about 1/5 for the first stage):
+Stages, one fixed seed, a wall-clock budget (`--minutes`, about 1/5 for the first stage):
   1. an autoencoder: a small conv encoder (training only) and the demo's own TinyDecoder; the encoder ends
      in a non-affine BatchNorm, so latents come out near zero mean and unit variance per channel and the
      decoder reads them as they are (nothing to fold in afterwards). Latent noise while training makes
@@ -15,11 +15,19 @@ Two stages, one fixed seed, a wall-clock budget (`--minutes`, about 1/5 for the 
      denoises the new one). Rotary positions are relative, so absolute frame indices here and window
      indices at inference give the same attention. tests/test_demo_model.py checks the equivalence
      against the node itself.
+  3. (`--rollout-share`, or all of the budget with `--init-from`) Self-Forcing-style training on its own
+     streams: a pool of sessions, each at its own point of its stream, advanced one block a step through
+     the node's rolling KV cache (PoolCache), trained against an expert (the data generator) that renders
+     the prompt from where the model's last frame put the shape (train_rollouts says how).
+  `--init-from WEIGHTS` starts from trained weights instead: an encoder is fitted to their decoder (the
+  encoder itself is not shipped) and stage 3 runs alone.
 Then it writes `demo_weights.safetensors` (keys `text.`, `dit.`, `decoder.`: the demo nodes' params
 `weights` + `weights_prefix`), `train_log.json`, `loss.png`, and an evaluation through the real engine on
 the CPU (`samples.png`, scores in the log).
 
-  python tools/train_demo.py --out out/demo --minutes 8.5 --device cuda      # the shipped weights
+  python tools/train_demo.py --out out/demo --minutes 8.5 --device cuda      # issue 8's weights (stages 1-2)
+  python tools/train_demo.py --out out/demo --device cuda --init-from graphs/demo_weights.safetensors \
+      --enc-seconds 60 --minutes 6.5 --rollout-batch 1024 --no-eval          # + stage 3 (issue 17)
   python tools/train_demo.py --out /tmp/demo --tiny                          # CPU smoke test, < 60 s
 """
 from __future__ import annotations
@@ -946,24 +954,31 @@ def plot_losses(log: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("ae", "autoencoder (weighted L1 + L2)"), ("dit", "denoiser, teacher forcing (flow-matching MSE)")]
-    if log.get("rollout"):
-        panels.append(("rollout", "denoiser on its own rollouts (x0 MSE vs expert)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
-    for ax, (key, title) in zip(axes, panels):
+    panels = [("ae", "autoencoder (weighted L1 + L2)", ("loss",)),
+              ("enc", "encoder fitted to the decoder", ("loss", "rec", "cycle")),
+              ("dit", "denoiser, teacher forcing (flow-matching MSE)", ("loss", "loss_sigma_lt_0.6", "loss_sigma_ge_0.6")),
+              ("rollout", "denoiser on its own streams (x0 MSE vs expert)", ("loss", "loss_tf")),
+              ("rollout", "the streaming pool: its own last frames", ("blank_share", "pos_err_px"))]
+    panels = [p for p in panels if log.get(p[0])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (key, title, names) in zip(axes[0], panels):
         recs = log[key]
-        if recs:
-            ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label="all", lw=1)
-            for name in ("loss_sigma_lt_0.6", "loss_sigma_ge_0.6", "loss_tf", "loss_first_blocks", "loss_last_blocks"):
-                pts = [(r["step"], r[name]) for r in recs if name in r]
-                if pts:
-                    ax.plot(*zip(*pts), label=name.replace("loss_", ""), lw=0.8, alpha=0.7)
-            if key == "rollout":
-                ax.set_xlabel("rollout step")
+        for name in names:
+            pts = [(r["step"], r[name]) for r in recs if name in r]
+            if pts:
+                if name == "pos_err_px":
+                    ax2 = ax.twinx()
+                    ax2.plot(*zip(*pts), color="C1", lw=0.8, label="shape's distance from the expert's (px)")
+                    ax2.set_ylabel("px")
+                    ax2.legend(loc="upper right")
+                else:
+                    ax.plot(*zip(*pts), lw=1 if name == "loss" else 0.8,
+                            label={"loss": "all", "blank_share": "share with no shape"}.get(name, name.replace("loss_", "")))
+        if "blank_share" not in names:
             ax.set_yscale("log")
-            ax.legend()
+        ax.legend(loc="upper center" if "blank_share" in names else "upper right")
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel("rollout step" if key == "rollout" else "step")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

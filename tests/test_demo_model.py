@@ -162,6 +162,7 @@ def test_teacher_forcing_gives_what_the_node_computes_block_by_block(write_graph
     torch.testing.assert_close(pred[0], torch.stack(flows), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow  # trains a tiny demo model end to end on the CPU
 def test_tiny_training_runs_and_its_weights_load_into_the_demo_graph(tmp_path):
     """`train_demo.py --tiny` on the CPU, end to end, then the demo graph's own nodes read what it wrote."""
     from safetensors import safe_open
@@ -214,6 +215,7 @@ def shares(frames, colour):
     return np.array([data.shape_colour_share(f, colour) for f in frames])
 
 
+@pytest.mark.slow  # renders the demo model for seconds on the CPU
 @needs_weights
 @pytest.mark.parametrize("colour, prompts", [
     ("red", ["a red circle moving left on a dark blue background", "a big red square on a black background",
@@ -231,6 +233,7 @@ def test_colour_words_give_shapes_of_that_colour(demo_engine, colour, prompts):
         assert np.mean([data.background_name(f) == bg for f in frames]) > 0.8, prompt
 
 
+@pytest.mark.slow  # renders the demo model for seconds on the CPU
 @needs_weights
 def test_shape_words_give_different_shapes(demo_engine):
     fill = {}
@@ -243,6 +246,7 @@ def test_shape_words_give_different_shapes(demo_engine):
     assert fill["square"] > fill["circle"] + 0.06 and fill["circle"] > fill["triangle"] + 0.1, fill
 
 
+@pytest.mark.slow  # renders the demo model for seconds on the CPU
 @needs_weights
 @pytest.mark.parametrize("direction, sign", [("left", (-1, 0)), ("right", (1, 0)), ("up", (0, -1)), ("down", (0, 1))])
 def test_motion_words_move_the_shape(demo_engine, direction, sign):

@@ -132,7 +132,8 @@ class Dispatcher:
             return
         def reply(result: dict) -> None:  # the engine's thread, at the block boundary that applied it
             ok = bool(result.get("ok"))
-            text = P.command_result(name, True) if ok else P.command_result(name, False, str(result.get("error")))
+            text = P.command_result(name, True, warning=result.get("warning")) if ok else \
+                P.command_result(name, False, str(result.get("error")))
             self.metrics.inc("commands_total", result="applied" if ok else "failed")
             self._reply_later(client, text)
 

@@ -103,8 +103,10 @@ def error_message(code: str, message: str, **extra: Any) -> str:
 
 
 def command_result(command: str, ok: bool, message: str | None = None, field: str | None = None,
-                   reason: str | None = None) -> str:
+                   reason: str | None = None, warning: str | None = None) -> str:
     data: dict[str, Any] = {"command": command, "ok": ok}
+    if ok and warning:  # applied, but not all of it was understood (e.g. unknown prompt words)
+        data["warning"] = warning
     if not ok:
         data["error"] = {"message": message or "failed", "field": field, "reason": reason or message}
     return application(COMMAND_RESULT, data)

@@ -100,3 +100,26 @@ def test_a_flood_is_refused_with_one_error_and_the_stream_goes_on(tiny_engine, s
             assert r["data"]["ok"] is True
 
     arun(main(), 60)
+
+
+def test_a_partly_understood_prompt_is_applied_with_a_warning(tiny_engine, serve_engine, sdk_client, arun,
+                                                               tiny_yaml):
+    graph = tiny_yaml.replace("params: {dim: 16, max_tokens: 8, heads: 2}",
+                              "params: {dim: 16, max_tokens: 8, heads: 2, vocabulary: [red, blue, circle], "
+                              "filler: [a]}")
+    served = serve_engine(tiny_engine(graph))
+
+    async def main():
+        async with sdk_client(served.url) as c:
+            await c.connect()
+            await c.wait_ready()
+            await c.wait_message("runtime", "sessionStarted")
+            c.send("application", "set_prompt", {"prompt": "a blue dog"})
+            r = await c.wait_message("application", "commandResult", where=lambda d: d["ok"])
+            assert r["data"]["warning"] == "not understood (ignored): dog"
+            assert served.engine.slots.values["prompt"] == "a blue dog"
+            c.send("application", "set_prompt", {"prompt": "a wet dog"})
+            r = await c.wait_message("application", "commandResult", where=lambda d: not d["ok"])
+            assert "not understood" in r["data"]["error"]["message"]
+
+    arun(main(), 60)

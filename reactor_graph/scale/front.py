@@ -32,8 +32,8 @@ import aiohttp
 from aiohttp import web
 
 from ..server import rtc_guards
-from ..server.access import AUTH_PREFIX, AccessPolicy
-from ..server.app import SESSION, _preflight, _text_error, access_middleware
+from ..server.access import AccessPolicy
+from ..server.app import _text_error, build_app
 from ..server.metrics import CONTENT_TYPE, Metrics
 from .replica import REMOTE_HEADER
 
@@ -84,24 +84,13 @@ class Front:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def _build(self) -> web.Application:
-        app = web.Application(middlewares=[access_middleware(self.access, self.metrics)],
-                              client_max_size=256 * 1024)
-        r = app.router
-        for prefix, tag in (("", ""), (AUTH_PREFIX, "auth_")):
-            r.add_post(prefix + "/start_session", self.start_session, name=tag + "start_session")
-            r.add_post(prefix + "/stop_session", self.stop_session, name=tag + "stop_session")
-            r.add_get(prefix + SESSION + "/ice_servers", self.relay)
-            r.add_post(prefix + SESSION + "/sdp_params", self.relay)
-            r.add_put(prefix + SESSION + "/sdp_params", self.relay)
-            r.add_get(prefix + SESSION + "/sdp_params", self.relay)
-            r.add_post(prefix + "/sessions/{session_id}/uploads", self.relay)
-            r.add_get(prefix + "/health", self.health)
-            r.add_get(prefix + "/metrics", self.prometheus)
-            r.add_get(prefix + "/api/commands", self.api_commands)
-            r.add_get(prefix + "/", self.index)
-        r.add_static("/static/", str(resources.files("reactor_graph.server") / "static"), show_index=False)
-        r.add_route("OPTIONS", "/{tail:.*}", _preflight)
-        return app
+        # a session's own routes go to its replica as they are (an upload's PUT goes to the replica directly:
+        # the presigned_url it hands out names the replica)
+        return build_app(self.access, self.metrics, {
+            "start_session": self.start_session, "stop_session": self.stop_session,
+            "ice_servers": self.relay, "sdp_offer": self.relay, "sdp_answer": self.relay, "uploads": self.relay,
+            "health": self.health, "metrics": self.prometheus, "api_commands": self.api_commands,
+            "index": self.index})
 
     async def start(self, host: str = "127.0.0.1", port: int = 8080) -> str:
         self.access.bind = host

@@ -26,7 +26,6 @@ from typing import Any, Callable
 from aiohttp import web
 
 from ..errors import SessionError
-from . import protocol as P
 from . import rtc_guards
 from .access import AUTH_PREFIX, AccessPolicy, Refused
 from .metrics import CONTENT_TYPE, Metrics
@@ -84,6 +83,38 @@ def _text_error(status: int, text: str) -> web.Response:
     return web.Response(status=status, text=text, content_type="text/plain")
 
 
+# (method, path, handler) of the SDK's local-mode routes and ours; every one also lives under /auth/<token>
+ROUTES = (
+    ("POST", "/start_session", "start_session"),
+    ("POST", "/stop_session", "stop_session"),
+    ("GET", SESSION + "/ice_servers", "ice_servers"),
+    ("POST", SESSION + "/sdp_params", "sdp_offer"),
+    ("PUT", SESSION + "/sdp_params", "sdp_offer"),
+    ("GET", SESSION + "/sdp_params", "sdp_answer"),
+    ("POST", "/sessions/{session_id}/uploads", "uploads"),
+    ("PUT", "/sessions/{session_id}/uploads/{upload_id}", "upload_put"),
+    ("GET", "/health", "health"),
+    ("GET", "/metrics", "metrics"),
+    ("GET", "/api/commands", "api_commands"),
+    ("GET", "/", "index"),
+)
+
+
+def build_app(access: AccessPolicy, metrics: Metrics, handlers: dict[str, Callable]) -> web.Application:
+    """The aiohttp app: ROUTES bound to `handlers` by name (a route without a handler is left out), the
+    access guard, the static files and the preflights."""
+    app = web.Application(middlewares=[access_middleware(access, metrics)], client_max_size=256 * 1024)
+    r = app.router
+    for prefix, tag in (("", ""), (AUTH_PREFIX, "auth_")):
+        for method, path, name in ROUTES:
+            if name in handlers:
+                named = tag + name if name in TOKEN_ROUTES else None
+                r.add_route(method, prefix + path, handlers[name], name=named)
+    r.add_static("/static/", str(resources.files("reactor_graph.server") / "static"), show_index=False)
+    r.add_route("OPTIONS", "/{tail:.*}", _preflight)
+    return app
+
+
 class Server:
     """The app, its session manager and metrics. `await start(host, port)`, then `await close()`."""
 
@@ -100,25 +131,11 @@ class Server:
         self.app = self._build()
 
     def _build(self) -> web.Application:
-        app = web.Application(middlewares=[access_middleware(self.access, self.metrics)],
-                              client_max_size=256 * 1024)
-        r = app.router
-        for prefix, tag in (("", ""), (AUTH_PREFIX, "auth_")):
-            r.add_post(prefix + "/start_session", self.start_session, name=tag + "start_session")
-            r.add_post(prefix + "/stop_session", self.stop_session, name=tag + "stop_session")
-            r.add_get(prefix + SESSION + "/ice_servers", self.ice_servers)
-            r.add_post(prefix + SESSION + "/sdp_params", self.sdp_offer)
-            r.add_put(prefix + SESSION + "/sdp_params", self.sdp_offer)
-            r.add_get(prefix + SESSION + "/sdp_params", self.sdp_answer)
-            r.add_post(prefix + "/sessions/{session_id}/uploads", self.uploads)
-            r.add_put(prefix + "/sessions/{session_id}/uploads/{upload_id}", self.upload_put)
-            r.add_get(prefix + "/health", self.health)
-            r.add_get(prefix + "/metrics", self.prometheus)
-            r.add_get(prefix + "/api/commands", self.api_commands)
-            r.add_get(prefix + "/", self.index)
-        r.add_static("/static/", str(resources.files("reactor_graph.server") / "static"), show_index=False)
-        r.add_route("OPTIONS", "/{tail:.*}", _preflight)
-        return app
+        return build_app(self.access, self.metrics, {
+            "start_session": self.start_session, "stop_session": self.stop_session,
+            "ice_servers": self.ice_servers, "sdp_offer": self.sdp_offer, "sdp_answer": self.sdp_answer,
+            "uploads": self.uploads, "upload_put": self.upload_put, "health": self.health,
+            "metrics": self.prometheus, "api_commands": self.api_commands, "index": self.index})
 
     async def start(self, host: str = "127.0.0.1", port: int = 8080) -> str:
         self.access.bind = host

@@ -167,3 +167,29 @@ def test_tiny_v2v_graph_streams_and_follows_the_camera(write_graph):
         (d_in, d_out), (l_in, l_out) = seen["dark"][k], seen["lit"][k]
         assert d_in.shape == (16, 3, 8, 8) and (d_in - l_in).abs().max() > 1e-4
         assert (d_out - l_out).abs().max() > 1e-4
+
+
+@pytest.mark.slow  # compiles the tiny DiT's regions and the whole hot path
+def test_tiny_v2v_compiled_equals_eager_without_recompiles(write_graph):
+    from reactor_graph.compile import CompiledHotPath
+    from reactor_graph.loop import Engine
+
+    path = v2v_tiny(write_graph)
+
+    def go(engine):
+        out = [engine.run_block(0)["video"]]
+        for k in (1, 2, 3):  # block 3 rolls the cache
+            for _ in range(12):
+                engine.inputs.feed("camera", _camera(60 * k))
+            out.append(engine.run_block(k)["video"])
+        return out
+
+    eager = go(Engine(load_plan(path), device="cpu").load())
+    engine = Engine(load_plan(path), device="cpu", compile="compile", compile_backend="aot_eager").load()
+    ex = engine.executor
+    assert isinstance(ex, CompiledHotPath)
+    at_start = dict(ex.compiles)
+    compiled = go(engine)
+    assert ex.recompiles == 0 and ex.compiles == at_start
+    for a, b in zip(eager, compiled, strict=True):
+        assert a.shape == b.shape and (a.to(torch.int16) - b.to(torch.int16)).abs().max() <= 1

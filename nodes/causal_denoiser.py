@@ -7,6 +7,13 @@ then rolls (oldest block dropped in place), so there are exactly cache_blocks + 
 
 Keys are cached before rotary position is applied; positions are applied at read time from each slot's
 place in the window, so rolling the cache keeps positions consistent.
+
+Video-to-video (SDEdit): with the optional `input` latents bound, each block starts from the input noised to
+the first step's level, x = (1 - sigma_0) * input + sigma_0 * noise, and runs the few-step schedule from there.
+`strength` scales the schedule's (unshifted) noise grid, so the first step sits at
+sigma_0 = shift(strength): 1 starts from pure noise (the input is not seen), smaller keeps more of the input.
+All `steps` steps run at any strength (one static program). Without `input` the node is the text-to-video
+denoiser unchanged (bit for bit).
 """
 from __future__ import annotations
 
@@ -21,9 +28,10 @@ from reactor_graph.node import Node, Port, register
 from reactor_graph.weights import load_into
 
 
-def flow_sigmas(steps: int, shift: float) -> list[float]:
-    """Few-step flow-matching noise levels, shifted towards noise as Wan/Self-Forcing do."""
-    s = [1.0 - i / steps for i in range(steps)]
+def flow_sigmas(steps: int, shift: float, strength: float = 1.0) -> list[float]:
+    """Few-step flow-matching noise levels, shifted towards noise as Wan/Self-Forcing do; `strength` < 1
+    starts the (unshifted) grid lower, for SDEdit."""
+    s = [strength * (1.0 - i / steps) for i in range(steps)]  # 1.0 * x == x: strength 1 is the plain grid
     return [shift * x / (1 + (shift - 1) * x) for x in s]
 
 
@@ -152,6 +160,8 @@ class CausalDenoiser(Node):
         steps: int = Field(4, ge=1, le=50, description="denoising steps per block")
         shift: float = Field(3.0, gt=0, description="noise schedule shift")
         cache_blocks: int = Field(3, ge=1, description="earlier blocks kept in the KV cache")
+        strength: float = Field(1.0, gt=0, le=1, description="with `input` bound (SDEdit): how far the input "
+                                                             "is noised; 1 = pure noise, small = close to it")
         weights: str | None = None
         weights_prefix: str = ""
 
@@ -168,7 +178,9 @@ class CausalDenoiser(Node):
         lat = (p.latent_channels, p.frames_per_block, *p.latent_size)
         return (
             {"cond": Port("tensor", "float", ("L", p.text_dim), "text embeddings [L, D]"),
-             "noise": Port("tensor", "float", lat, "initial noise [C, T, h, w]")},
+             "noise": Port("tensor", "float", lat, "initial noise [C, T, h, w]"),
+             "input": Port("tensor", "float", lat, "optional latents to start from (SDEdit, `strength`)",
+                           optional=True)},
             {"latents": Port("tensor", "float", lat, "denoised block [C, T, h, w]")},
         )
 
@@ -192,16 +204,18 @@ class CausalDenoiser(Node):
         self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
         self.sigmas = flow_sigmas(p.steps, p.shift) + [0.0]
+        self.input_sigmas = flow_sigmas(p.steps, p.shift, p.strength) + [0.0]
 
     def reset(self):
         self.cache_k.zero_()
         self.cache_v.zero_()
 
-    def forward(self, cond, noise):
-        return {"latents": self.generate(cond, noise, self.phase)}
+    def forward(self, cond, noise, input=None):
+        return {"latents": self.generate(cond, noise, self.phase, input)}
 
-    def generate(self, cond, noise, phase: int):
-        """Denoise one block in `phase` (blocks already cached) and write it into the cache."""
+    def generate(self, cond, noise, phase: int, input=None):
+        """Denoise one block in `phase` (blocks already cached) and write it into the cache; from `input`
+        noised to the first step's level when given (SDEdit)."""
         p = self.params
         block_tokens = p.frames_per_block * self.model.tokens_per_frame
         if phase == p.cache_blocks:  # full: drop the oldest block, in place, to make room
@@ -212,7 +226,11 @@ class CausalDenoiser(Node):
         first_frame = phase * p.frames_per_block
         text = cond[None]
         x = noise[None]  # [1, C, T, h, w]
-        for s, s_next in zip(self.sigmas[:-1], self.sigmas[1:]):
+        sigmas = self.sigmas
+        if input is not None:
+            sigmas = self.input_sigmas
+            x = (1.0 - sigmas[0]) * input[None].to(x.dtype) + sigmas[0] * x
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
             sigma = torch.full((1,), s, device=x.device)
             flow, _, _ = self.model(x, sigma, text, first_frame, self.cache_k, self.cache_v, n_cached)
             x = x + (s_next - s) * flow  # Euler step of the flow ODE; flow = noise - clean

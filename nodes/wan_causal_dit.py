@@ -130,6 +130,9 @@ class WanCausalDiT(Node):
         rolling: bool = Field(True, description="roll the cache when full (endless video); else the sequence "
                                                 "restarts after max_frames")
         context_noise: float = Field(0.0, ge=0, le=1000, description="timestep of the cache-writing pass")
+        strength: float = Field(1.0, gt=0, le=1, description="with `input` bound (SDEdit, StreamDiffusionV2): "
+                                                             "the timesteps are scaled by it and the input is "
+                                                             "noised to the first one; 1 = pure noise")
         recache: bool = Field(False, description="on a new prompt, re-encode the cached frames under it before "
                                                  "the next block (LongLive's KV re-cache)")
         noise: Literal["per_step", "once"] = Field("per_step", description="per_step: noise of shape (C, steps*T, "
@@ -199,7 +202,9 @@ class WanCausalDiT(Node):
                 if p.noise == "per_step" else "noise [C, T, h, w]")
         return (
             {"cond": Port("tensor", "float", ("L", c.text_dim), f"T5 features [L <= {c.text_len}, {c.text_dim}]"),
-             "noise": Port("tensor", "float", (c.in_dim, nt, *p.latent_size), desc)},
+             "noise": Port("tensor", "float", (c.in_dim, nt, *p.latent_size), desc),
+             "input": Port("tensor", "float", (c.in_dim, t, *p.latent_size),
+                           "optional latents [C, T, h, w] to start from (SDEdit, `strength`)", optional=True)},
             {"latents": Port("tensor", "float", (c.out_dim, t, *p.latent_size), "clean latent block [C, T, h, w]")},
         )
 
@@ -255,6 +260,10 @@ class WanCausalDiT(Node):
                              dtype=dtype, device=device)
         schedule = FlowMatchSchedule(denoising_steps=self.timesteps, shift=p.shift, warp=p.warp)
         self.gen = BlockCausalWan(self.model, self.cache, schedule, context_noise=p.context_noise)
+        # video-to-video (input bound): the same sampler over timesteps scaled by `strength`
+        in_schedule = FlowMatchSchedule(denoising_steps=tuple(p.strength * t for t in self.timesteps),
+                                        shift=p.shift, warp=p.warp)
+        self.gen_input = BlockCausalWan(self.model, self.cache, in_schedule, context_noise=p.context_noise)
         self.phases = self.cache.phases()
         assert len(self.phases) == self.num_base_phases(), (len(self.phases), self.num_base_phases())
         self.out = torch.zeros(1, cfg.out_dim, p.frames_per_block, *p.latent_size, device=device, dtype=dtype)
@@ -337,10 +346,10 @@ class WanCausalDiT(Node):
         return getattr(self, "_in_place", None) is not None
 
     # -- per block --------------------------------------------------------------------------------------
-    def forward(self, cond, noise):
+    def forward(self, cond, noise, input=None):
         if self.params.compile == "regional" and torch.compiler.is_compiling():
-            return {"latents": self._generate_regional(cond, noise, self.phase)}
-        return {"latents": self._generate(cond, noise, self.phase)}
+            return {"latents": self._generate_regional(cond, noise, self.phase, input)}
+        return {"latents": self._generate(cond, noise, self.phase, input)}
 
     def _step_noise(self, noise: torch.Tensor) -> torch.Tensor:
         if self.params.noise == "once":
@@ -356,17 +365,22 @@ class WanCausalDiT(Node):
 
         return sdpa_kernel([getattr(SDPBackend, _SDPA[self.params.attention])])
 
-    def _generate(self, cond: torch.Tensor, noise: torch.Tensor, phase: int) -> torch.Tensor:
+    def _generate(self, cond: torch.Tensor, noise: torch.Tensor, phase: int,
+                  input: torch.Tensor | None = None) -> torch.Tensor:
         if cond.shape[0] > self.cfg.text_len:
             raise ValueError(f"cond has {cond.shape[0]} tokens; this model takes at most {self.cfg.text_len}")
         base, recache = self._base_phase(phase)
         with self._attention():
-            self.gen.generate_block(self._step_noise(noise), cond[None], self.phases[base], out=self.out,
-                                    recache=recache)
+            if input is None:
+                self.gen.generate_block(self._step_noise(noise), cond[None], self.phases[base], out=self.out,
+                                        recache=recache)
+            else:
+                self.gen_input.generate_block(self._step_noise(noise), cond[None], self.phases[base], out=self.out,
+                                              recache=recache, start=input[None])
         return self.out[0]
 
     @torch.compiler.disable
-    def _generate_regional(self, cond, noise, phase: int) -> torch.Tensor:
+    def _generate_regional(self, cond, noise, phase: int, input=None) -> torch.Tensor:
         """The block with the layers' repeated pieces compiled (see the module docstring)."""
         if not self._regions_ready:  # traced outside an engine executor (a profile script)
             from reactor_graph.compile import compile_function
@@ -374,7 +388,7 @@ class WanCausalDiT(Node):
             self.compile_regions(lambda fn: compile_function(fn, self._plain_backend(), self._count_region))
         self._regional = True
         try:
-            return self._generate(cond, noise, phase)
+            return self._generate(cond, noise, phase, input)
         finally:
             self._regional = False
 
@@ -406,6 +420,7 @@ class WanCausalDiT(Node):
             blk.qkv = route(qkv, WanBlock.qkv, blk)
             blk.finish = route(finish, WanBlock.finish, blk)
         self.gen.recache_scope = self._plain
+        self.gen_input.recache_scope = self._plain
         self._regions_ready = True
 
     @contextlib.contextmanager

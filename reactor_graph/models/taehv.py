@@ -85,10 +85,13 @@ __all__ = [
     "PHASE_FIRST",
     "PHASE_STEADY",
     "TAEHVDecoder",
+    "TAEHVEncoder",
     "MemBlock",
+    "TPool",
     "TGrow",
     "Clamp",
     "load_taehv",
+    "load_taehv_encoder",
     "read_state_dict",
 ]
 
@@ -307,6 +310,167 @@ def load_taehv(
         latent_channels = inferred[1] if inferred else 16
     model = TAEHVDecoder(channels, latent_channels, decoder_time_upscale, decoder_space_upscale)
     load_decoder_state_dict(model, sd)
+    model.eval().requires_grad_(False)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+# ---------------------------------------------------------------------- encoder
+class TPool(nn.Module):
+    """Temporal downsampling: every ``stride`` consecutive frames become one (channels stacked, 1x1 conv)."""
+
+    def __init__(self, n_f: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.conv = nn.Conv2d(n_f * stride, n_f, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, c, h, w = x.shape
+        return self.conv(x.reshape(-1, self.stride * c, h, w))
+
+
+class TAEHVEncoder(StreamingDecoder):
+    """TAEHV encoder (Wan 2.1 latent space), streamed a block at a time over preallocated state:
+    ``[B, T, 3, H, W]`` frames in [-1, 1] -> ``[B, T / 4, 16, H / 8, W / 8]`` latents.
+
+    The layers are the public TAEHV encoder's, as a flat ``nn.Sequential`` named ``self.encoder`` so that the
+    ``encoder.*`` half of ``taew2_1.pth`` loads unchanged::
+
+        0  Conv2d(3 -> w, 3x3)            encoder.0.weight / bias
+        1  ReLU
+        2  TPool(w, 2)                    encoder.2.conv.weight      [w, 2w, 1, 1]
+        3  Conv2d(w -> w, 3x3, stride 2, no bias)
+        4..6   MemBlock(w, w)             encoder.4.conv.{0,2,4}.{weight,bias}
+        7  TPool(w, 2)
+        8  Conv2d(stride 2, no bias)
+        9..11  MemBlock(w, w)
+        12 TPool(w, 1)                    (no time downsampling at the last stage)
+        13 Conv2d(stride 2, no bias)
+        14..16 MemBlock(w, w)
+        17 Conv2d(w -> 16, 3x3)           encoder.17.weight / bias
+
+    with ``w = 64`` for the real model (tests use tiny widths). 8x spatial, 4x temporal downsampling.
+
+    Streaming: a block holds a multiple of ``t_downscale`` (4) frames, so every TPool group lies inside one
+    block and TPool needs no state; the only memory between blocks is each MemBlock's last input frame, kept in
+    fixed buffers (``[B, w, H / 2^k, W / 2^k]``) updated in place, as in :class:`TAEHVDecoder`. There is one
+    phase (every block gives ``T / 4`` latents); ``phase`` is accepted and ignored so the streaming API is the
+    decoder's. ``encode_full`` is the whole-sequence reference (zero memory before the first frame, the end
+    padded with copies of the last frame to a multiple of 4, as TAEHV's ``encode_video``).
+
+    Value range: the input is in [-1, 1] (the decoders' output range) and mapped to TAEHV's [0, 1] inside.
+    """
+
+    def __init__(
+        self,
+        width: int = 64,
+        latent_channels: int = 16,
+        encoder_time_downscale: Sequence[bool] = (True, True, False),
+    ):
+        super().__init__()
+        td = tuple(bool(v) for v in encoder_time_downscale)
+        if len(td) != 3:
+            raise ValueError("encoder_time_downscale needs 3 entries")
+        w = int(width)
+        self.width = w
+        self.latent_channels = int(latent_channels)
+        self.image_channels = 3
+        layers: list[nn.Module] = [_conv3x3(self.image_channels, w), nn.ReLU()]
+        for stage in range(3):
+            layers += [TPool(w, 2 if td[stage] else 1), nn.Conv2d(w, w, 3, stride=2, padding=1, bias=False)]
+            layers += [MemBlock(w, w), MemBlock(w, w), MemBlock(w, w)]
+        layers += [_conv3x3(w, self.latent_channels)]
+        self.encoder = nn.Sequential(*layers)
+        self.t_downscale = 2 ** sum(td)
+        self.s_downscale = 8
+
+    # ------------------------------------------------------------------ state
+    def mem_blocks(self) -> list[tuple[int, MemBlock, int]]:
+        """``(index, block, spatial scale relative to the latent)`` for every MemBlock, in order."""
+        out, scale = [], self.s_downscale
+        for i, layer in enumerate(self.encoder):
+            if isinstance(layer, nn.Conv2d) and layer.stride == (2, 2):
+                scale //= 2
+            elif isinstance(layer, MemBlock):
+                out.append((i, layer, scale))
+        return out
+
+    def _allocate_buffers(self, batch_size, latent_height, latent_width, device, dtype) -> None:
+        for _, blk, scale in self.mem_blocks():
+            blk.memory = torch.zeros(
+                batch_size, blk.n_in, latent_height * scale, latent_width * scale, device=device, dtype=dtype
+            )
+
+    def state_buffers(self) -> dict[str, torch.Tensor]:
+        return {f"encoder.{i}.memory": b.memory for i, b, _ in self.mem_blocks() if b.memory is not None}
+
+    def _ensure_state(self, frames: torch.Tensor) -> None:
+        b, h, w = frames.shape[0], frames.shape[-2] // 8, frames.shape[-1] // 8
+        key = (b, h, w, frames.device, frames.dtype)
+        if self._state_key != key:
+            if torch.compiler.is_compiling():
+                raise RuntimeError("TAEHVEncoder: call allocate_state() before compiling the block encode")
+            self.allocate_state(b, h, w, frames.device, frames.dtype)
+
+    # ------------------------------------------------------------------ encoding
+    def _run(self, frames: torch.Tensor, stream: bool) -> torch.Tensor:
+        if frames.ndim != 5 or frames.shape[2] != self.image_channels:
+            raise ValueError(f"expected frames [B, T, 3, H, W], got {tuple(frames.shape)}")
+        if frames.shape[-2] % 8 or frames.shape[-1] % 8:
+            raise ValueError(f"frame size {tuple(frames.shape[-2:])} is not a multiple of 8")
+        b = frames.shape[0]
+        x = (frames.reshape(-1, *frames.shape[2:]) * 0.5 + 0.5).to(self.encoder[0].weight.dtype)
+        for layer in self.encoder:
+            if isinstance(layer, MemBlock):
+                x = layer(x, layer.previous_frames(x, b, stream))
+            else:
+                x = layer(x)
+        return x.view(b, -1, *x.shape[1:])
+
+    def block_forward(self, frames: torch.Tensor, phase: int = PHASE_STEADY) -> torch.Tensor:
+        """Encode one block (``T`` a multiple of ``t_downscale``) with the state, updated in place."""
+        if frames.shape[1] % self.t_downscale:
+            raise ValueError(f"a streamed block needs a multiple of {self.t_downscale} frames, got {frames.shape[1]}")
+        return self._run(frames, stream=True)
+
+    def encode_block(self, frames: torch.Tensor) -> torch.Tensor:
+        """Encode the session's next block of frames -> ``T / t_downscale`` latents."""
+        self._ensure_state(frames)
+        out = self.block_forward(frames, self.phase)
+        self.phase = PHASE_STEADY
+        return out
+
+    def decode_block(self, latents):  # the base class's name; an encoder encodes
+        return self.encode_block(latents)
+
+    def encode_full(self, frames: torch.Tensor) -> torch.Tensor:
+        """Non-streaming reference: encode a whole video at once (state untouched)."""
+        n_pad = -frames.shape[1] % self.t_downscale
+        if n_pad:
+            frames = torch.cat([frames, frames[:, -1:].expand(-1, n_pad, -1, -1, -1)], dim=1)
+        return self._run(frames, stream=False)
+
+
+def load_encoder_state_dict(model: TAEHVEncoder, sd: Mapping[str, torch.Tensor]) -> None:
+    """Load the ``encoder.*`` half of a TAEHV checkpoint (``decoder.*`` keys ignored; the rest must match)."""
+    load_exact(model, {k: v for k, v in sd.items() if not k.startswith("decoder.")}, "TAEHV encoder")
+
+
+def load_taehv_encoder(
+    path: str | os.PathLike,
+    *,
+    encoder_time_downscale: Sequence[bool] = (True, True, False),
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> TAEHVEncoder:
+    """Build a :class:`TAEHVEncoder` from a TAEHV checkpoint (width and latent channels read from the file)."""
+    sd = read_state_dict(path)
+    if "encoder.0.weight" not in sd or "encoder.17.weight" not in sd:
+        raise ValueError(f"{path}: no TAEHV encoder weights (encoder.0.weight, encoder.17.weight)")
+    model = TAEHVEncoder(int(sd["encoder.0.weight"].shape[0]), int(sd["encoder.17.weight"].shape[0]),
+                         encoder_time_downscale)
+    load_encoder_state_dict(model, sd)
     model.eval().requires_grad_(False)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)

@@ -785,12 +785,14 @@ class BlockCausalWan:
 
     @torch.no_grad()
     def generate_block(self, noise: torch.Tensor, context: torch.Tensor | None, phase: Phase,
-                       out: torch.Tensor | None = None, recache: bool = False) -> torch.Tensor:
+                       out: torch.Tensor | None = None, recache: bool = False,
+                       start: torch.Tensor | None = None) -> torch.Tensor:
         """Generate one block. noise: [num_steps, B, C, F, H, W] -- noise[0] is x_T, noise[i] re-noises to
         step i (Self-Forcing draws fresh noise each step); a [B, C, F, H, W] noise is reused for every step.
         context: T5 features (their cross-attention k/v are (re)written into the cache first) or None (use
         the ones from `set_context`). recache: re-encode the cached frames under this context first (after a
-        prompt switch). Returns the clean latents x0 [B, C, F, H, W] (float32, or into `out`)."""
+        prompt switch). start: latents [B, C, F, H, W] to start from (SDEdit): x_T = (1 - sigma_0) * start +
+        sigma_0 * noise[0]. Returns the clean latents x0 [B, C, F, H, W] (float32, or into `out`)."""
         if context is not None:
             self.set_context(context)
         if recache:
@@ -799,6 +801,8 @@ class BlockCausalWan:
             self.cache.roll_()
         per_step = noise.dim() == 6
         x = (noise[0] if per_step else noise).float()
+        if start is not None:
+            x = (1.0 - self._sig[0]) * start.float() + self._sig[0] * x
         x0 = x
         steps = self.schedule.num_steps
         for i in range(steps):

@@ -6,6 +6,7 @@ is checked here, and all problems found are reported together.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -63,8 +64,9 @@ class Plan:
     alternatives: Mapping[str, Node] = field(default_factory=dict)
     alt_bindings: Mapping[str, Mapping[str, Source]] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def wiring(self) -> Wiring:
+        """One object, so `engine.wiring is plan.wiring` tells a session that swapped nothing."""
         return Wiring(self.nodes, self.bindings)
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -126,6 +127,7 @@ class Pending:
     params: BaseModel | None
     reply: Any = None  # optional callback(result: dict) for whoever sent it
     action: Any = None  # engine-side work for the boundary (a swap); returns the reply dict
+    submitted: float = field(default_factory=time.perf_counter)  # when it arrived (traces: arrival -> frame)
 
 
 class CommandQueue:

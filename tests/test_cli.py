@@ -36,6 +36,16 @@ def test_nodes_lists_types_ports_and_params():
         assert name in res.output
 
 
+def test_nodes_lists_every_input_and_output_port():
+    res = runner.invoke(app, ["nodes"])
+    assert res.exit_code == 0
+    text = res.output
+    # outputs that nodes shape from their params (not declared on the class): the old listing had none
+    for row in ("out   │ embeds", "out   │ latents", "out   │ video", "out   │ noise", "in    │ cond",
+                "in    │ noise", "in    │ latents", "int (optional)", "tensor[uint8](T 720 832)"):
+        assert row in text, row
+
+
 def test_render_cli(write_graph, tiny_yaml, tmp_path):
     out = tmp_path / "x.mp4"
     res = runner.invoke(app, ["render", str(write_graph(tiny_yaml)), "-o", str(out), "--blocks", "3"])

@@ -440,6 +440,9 @@ def run(graph: Optional[str] = GRAPH_ARG,
                                      "pip install 'reactor-graph[scale]'; docs/scale-out.md)"),
         ray_address: Optional[str] = typer.Option(None, help="a Ray cluster for the replicas (default: a local "
                                                   "one, when --replicas > 1)"),
+        trace: Optional[Path] = typer.Option(None, "--trace", help="time every node of the stream and write a "
+                                             "Chrome/Perfetto trace of the last blocks served at shutdown"),
+        trace_blocks: int = typer.Option(500, min=1, help="blocks the --trace file keeps (the last ones)"),
         random_weights: bool = RANDOM_WEIGHTS, weights_dir: Optional[list[Path]] = WEIGHTS_DIR):
     """Serve a graph (or a Reactor manifest.json): a web page, the Reactor JS SDK local protocol, metrics.
 
@@ -455,6 +458,11 @@ def run(graph: Optional[str] = GRAPH_ARG,
         if not is_loopback_host(host) and not token:
             console.print(f"[bold yellow]warning:[/] serving on {host} without a token: anyone who can reach "
                           f"this address can use the model; pass --token (or set REACTOR_GRAPH_TOKEN)")
+        if trace is not None and (replicas > 1 or ray_address):
+            raise CommandError("run", "--trace traces one engine; it does not go with --replicas/--ray-address",
+                               "trace")
+        if trace is not None and not trace.parent.exists():
+            raise CommandError("run", f"cannot write {trace}: folder {trace.parent} does not exist", "trace")
         if replicas > 1 or ray_address:
             _run_replicas(graph, replicas, ray_address, host, port, access, max_seconds, device=device,
                           dtype=dtype, compile=compile, random_weights=random_weights, weights_dir=weights_dir,
@@ -463,10 +471,13 @@ def run(graph: Optional[str] = GRAPH_ARG,
                                         advertise_address=advertise_address))
             return
         engine = _open(graph or str(demo_path()), device, dtype, compile, random_weights, weights_dir=weights_dir)
+        probe = _start_trace(engine, trace, trace_blocks) if trace is not None else None
         code = serve(engine, host=host, port=port, max_seconds=max_seconds, policy=policy,
                      queue_frames=queue_frames, access=access, max_session_seconds=max_session_seconds,
                      block_timeout=block_timeout, advertise_address=advertise_address,
                      announce=lambda url: out.print(f"[bold green]serving[/] {engine.name} at {url}"))
+        if probe is not None:
+            _write_trace(trace, probe)
         if code:
             console.print("[bold red]error:[/] the engine is stuck in a node that does not return; exiting so "
                           "that a supervisor can restart the server")
@@ -484,6 +495,32 @@ def _run_replicas(graph, replicas, ray_address, host, port, access, max_seconds,
     engine["weights_dir"] = [str(Path(p).resolve()) for p in engine.get("weights_dir") or []] or None
     serve_replicas(path, replicas, ray_address, host, port, access, engine, settings, max_seconds,
                    announce=lambda url: out.print(f"[bold green]serving[/] {replicas} replicas at {url}"))
+
+
+def _start_trace(engine, path: Path, keep: int):
+    """`run --trace`: the engine times every node (a compiled hot path is built again, split at node
+    boundaries) and the track records each frame; written at shutdown."""
+    from collections import deque
+
+    from .hot_path import Probe
+    from .server import tracks
+
+    if not hasattr(engine, "use_probe"):
+        raise CommandError("run", "--trace needs a graph (a wrapped Reactor model is one opaque loop)", "trace")
+    probe = Probe(engine.device, keep=keep)
+    with console.status("preparing the traced hot path") as status:
+        engine.use_probe(probe, progress=_progress(status))
+    tracks.TRACE = deque(maxlen=keep * 64)
+    return probe
+
+
+def _write_trace(path: Path, probe) -> None:
+    from .server import tracks
+    from .trace import write
+
+    frames, tracks.TRACE = list(tracks.TRACE or ()), None
+    n = write(path, {"reactor-graph run": probe}, {"reactor-graph run": frames})
+    out.print(f"wrote {path}: {n} events (open it at ui.perfetto.dev or chrome://tracing)")
 
 
 if __name__ == "__main__":  # pragma: no cover

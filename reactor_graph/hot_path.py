@@ -28,8 +28,10 @@ class Probe:
 
     kinds: block (a whole block), on_change, hot_path, node (a hot node), copy (to the host)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, keep: int | None = None):
+        """`keep`: hold only the last `keep` blocks (and their commands), for a probe left on in a server."""
         self.cuda = device.type == "cuda"
+        self.keep = keep
         self.marks: list[tuple] = []  # of the block now running
         self.blocks: list[dict] = []  # resolved blocks: {"index", "host_t0", "spans": [...]}, see resolve
         self._pending: list[tuple[int, list[tuple]]] = []
@@ -64,8 +66,8 @@ class Probe:
     def end_block(self, index: int) -> None:
         marks = self.take()
         self._pending.append((index, marks))
-        if any(len(m) > 5 for m in marks):  # replayed events are re-recorded by the next replay: read them now
-            self.resolve()
+        if any(len(m) > 5 for m in marks) or len(self._pending) >= 64:  # replayed events are re-recorded by
+            self.resolve()                                                 # the next replay: read them now
 
     def resolve(self) -> list[dict]:
         """Spans of every finished block: (name, kind, device start ms, device ms, host start s, host s),
@@ -91,6 +93,10 @@ class Probe:
                 spans.append((name, kind, dev0, dev, s[3], host - s[3]))
             self.blocks.append({"index": index, "host_t0": t0_host, "spans": spans})
         self._pending.clear()
+        if self.keep is not None and len(self.blocks) > self.keep:
+            del self.blocks[:-self.keep]
+            since = self.blocks[0]["host_t0"]
+            self.commands = [c for c in self.commands if c["applied"] >= since]
         return self.blocks
 
 

@@ -262,8 +262,13 @@ def render(graph: Optional[str] = GRAPH_ARG,
     from .render import render as do_render
 
     with clear_errors():
+        if not output.parent.exists():
+            raise CommandError("render", f"cannot write {output}: folder {output.parent} does not exist", "output")
+        if commands is not None and not commands.is_file():
+            raise CommandError("render", f"command script {commands} does not exist", "commands")
         engine = _open(graph or str(demo_path()), device, dtype, compile, random_weights, weights_dir)
         script = load_script(commands, engine) if commands else None
+        _check_script_fits(script or [], blocks, commands)
         clips = {}
         for item in input or []:
             name, sep, path = item.partition("=")
@@ -349,6 +354,17 @@ def bench(graph: Optional[str] = GRAPH_ARG,
 
             n = write(trace, probes)
             out.print(f"wrote {trace}: {n} events (open it at ui.perfetto.dev or chrome://tracing)")
+
+
+def _check_script_fits(script, blocks: int, path) -> None:
+    """A command due after the last rendered block would be silently skipped: say which, and why."""
+    from .errors import Issue
+
+    late = [Issue(f"[{i}].block", f"block {item.block} is past the last block rendered ({blocks - 1}); raise "
+                                  f"--blocks or move the command")
+            for i, item in enumerate(script) if item.block is not None and item.block >= blocks]
+    if late:
+        raise GraphError(late, str(path))
 
 
 def _check_writable(path: Optional[Path]) -> None:
@@ -458,6 +474,7 @@ def run(graph: Optional[str] = GRAPH_ARG,
         if not is_loopback_host(host) and not token:
             console.print(f"[bold yellow]warning:[/] serving on {host} without a token: anyone who can reach "
                           f"this address can use the model; pass --token (or set REACTOR_GRAPH_TOKEN)")
+        _check_port(host, port)
         if trace is not None and (replicas > 1 or ray_address):
             raise CommandError("run", "--trace traces one engine; it does not go with --replicas/--ray-address",
                                "trace")
@@ -495,6 +512,22 @@ def _run_replicas(graph, replicas, ray_address, host, port, access, max_seconds,
     engine["weights_dir"] = [str(Path(p).resolve()) for p in engine.get("weights_dir") or []] or None
     serve_replicas(path, replicas, ray_address, host, port, access, engine, settings, max_seconds,
                    announce=lambda url: out.print(f"[bold green]serving[/] {replicas} replicas at {url}"))
+
+
+def _check_port(host: str, port: int) -> None:
+    """Before loading the model: a port already taken is one line, not a traceback minutes later."""
+    import socket
+
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            why = "is already in use" if exc.errno in (98, 48, 10048) else f"cannot be used ({exc.strerror})"
+            raise CommandError("run", f"port {port} on {host} {why}; pick another with --port", "port") from None
 
 
 def _start_trace(engine, path: Path, keep: int):

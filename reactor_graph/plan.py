@@ -158,6 +158,16 @@ def instantiate(ls: LoadedSpec, section: str, name: str, ns: NodeSpec, info: Gra
     except ValidationError as err:
         issues.extend(pydantic_issues(err, ls.pos, (section, name, "params")))
         return None
+    weights = getattr(params, "weights", None)
+    if isinstance(weights, str) and weights != "random":  # checked here, so `validate` says so, not `render`
+        from .weights import resolve
+
+        path = resolve(weights, ls.root)
+        if not path.exists():
+            issues.append(ls.issue((section, name, "params", "weights"),
+                                   f"weights file {path} does not exist (weights are read from local files only; "
+                                   f"fix the path, or use --random-weights)"))
+            return None
     try:
         return cls(name, params, info)
     except (ValueError, TypeError) as exc:

@@ -43,7 +43,8 @@ def test_bench_json_plot_trace_on_cpu(write_graph, tiny_yaml, tmp_path, monkeypa
     text = res.output
     assert "cudagraph -> eager: no" in text and "ratios" not in text
     assert "cond (on change)" in text and "denoise" in text
-    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    table = [line for line in text.splitlines() if any(c in line for c in "│┃━─")]
+    assert len(table) > 12 and "…" not in "".join(table) and max(len(line) for line in table) <= 80
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     events = json.loads(trace.read_text())["traceEvents"]
     assert {e["args"]["name"] for e in events if e["name"] == "process_name"} == {"eager", "cudagraph"}

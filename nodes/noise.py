@@ -18,6 +18,7 @@ class Noise(Node):
         seed: int = Field(0, description="added to the graph's seed")
 
     inputs = {"seed": Port("int", description="per-session seed (optional)", optional=True)}
+    outputs = {"noise": Port("tensor", "float", None, "[C, T, h, w] of shape params.shape")}
 
     def ports(self):
         return dict(self.inputs), {"noise": Port("tensor", "float", tuple(self.params.shape), "[C, T, h, w]")}

@@ -70,6 +70,9 @@ class ReactorModel(Node):
     description = ("A Reactor-API VideoModel class (module:Class) as one node: runs its start_session() in a "
                    "background thread and hands on the frames it emits, T per block, as [T, 3, H, W].")
     every_block = True
+    # as declared (the instance's ports(): one input per bound start_session() argument, shapes from params)
+    outputs = {"frames": Port("tensor", None, ("T", 3, "H", "W"), "[T, 3, H, W] RGB, T = params.frames, "
+                                                                  "uint8 or float per params.output")}
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid", populate_by_name=True)

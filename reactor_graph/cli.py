@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
 console = Console(stderr=True)
 out = Console()
 _state = {"verbose": False}
+_T0 = time.perf_counter()
 
 
 def demo_path() -> Path:
@@ -30,9 +32,36 @@ def demo_path() -> Path:
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show tracebacks and debug logs")):
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show tracebacks and debug logs"),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="only warnings and errors (no session log)")):
     _state["verbose"] = verbose
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    setup_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+
+
+def setup_logging(level: int) -> None:
+    """reactor_graph's own log (sessions start and end, with client and reason; refused commands, swaps,
+    errors, shutdown) on stderr at `level`: timestamped plain lines, or Rich's on a terminal."""
+    logger = logging.getLogger("reactor_graph")
+    for h in [h for h in logger.handlers if getattr(h, "_reactor_graph", False)]:
+        logger.removeHandler(h)
+    if console.is_terminal:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=console, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler._reactor_graph = True
+    if level <= logging.DEBUG:  # --verbose: every library's debug log too, through the root logger
+        root = logging.getLogger()
+        for h in [h for h in root.handlers if getattr(h, "_reactor_graph", False)]:
+            root.removeHandler(h)
+        root.addHandler(handler)
+        root.setLevel(level)
+    else:  # other libraries: warnings only, on Python's last-resort handler
+        logger.addHandler(handler)
+    logger.setLevel(level)
 
 
 @contextmanager
@@ -56,7 +85,11 @@ def _fail(exc: BaseException, code: int):
 
 
 def _progress(status):
-    return lambda msg: status.update(f"[cyan]{msg}")
+    """Progress messages: the spinner's text on a terminal; without one (a log, CI), plain lines with the
+    time since the command started, so minutes of compiling are never silent."""
+    if console.is_terminal:
+        return lambda msg: status.update(f"[cyan]{msg}")
+    return lambda msg: console.print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", highlight=False, markup=False)
 
 
 def is_manifest(path: str) -> bool:
@@ -164,28 +197,46 @@ def show(graph: Optional[str] = GRAPH_ARG,
             out.print(f"wrote {png}")
 
 
+def node_ports(cls) -> tuple[dict, dict, str]:
+    """Every input and output port of a node type: from an instance on default params (most nodes shape
+    their ports from params) on a 480x832 frame, else the class's declaration. Returns (ins, outs, how)."""
+    from .node import GraphInfo
+
+    try:
+        inst = cls("example", cls.Params(), GraphInfo(height=480, width=832, fps=16.0))
+        ins, outs = inst.ports()
+        return ins, outs, "default params and a 480x832 frame (H=480, W=832)"
+    except Exception:  # noqa: BLE001 - required params: the class's declaration
+        return dict(cls.inputs), dict(cls.outputs), "as declared; shapes follow the params"
+
+
 @app.command()
 def nodes():
-    """List every node type with its ports and params.
+    """List every node type with all its input and output ports (kind, dtype, shape) and params.
 
     Example: `reactor-graph nodes`
     """
     from .node import registry
 
     for name, cls in sorted(registry().items()):
-        table = Table(title=f"[bold]{name}[/]  {escape(cls.description)}", title_justify="left", show_header=True)
+        ins, outs, how = node_ports(cls)
+        table = Table(title=f"[bold]{name}[/]  {escape(cls.description)}", title_justify="left", show_header=True,
+                      caption=f"ports at {how}", caption_justify="left")
         table.add_column("kind")
         table.add_column("name")
-        table.add_column("type / default")
-        table.add_column("description")
+        table.add_column("type / shape / default", overflow="fold")
+        table.add_column("description", overflow="fold")
         for pname, f in cls.Params.model_fields.items():
             default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
             typ = getattr(f.annotation, "__name__", str(f.annotation))
             table.add_row("param", f.alias or pname, escape(f"{typ} = {default}"),
                           escape(f.description or ""))
-        for kind, ports in (("in", cls.inputs), ("out", cls.outputs)):
+        for kind, ports in (("in", ins), ("out", outs)):
             for pname, port in ports.items():
-                table.add_row(kind, pname, escape(port.describe()), escape(port.description))
+                opt = " (optional)" if port.optional else ""
+                table.add_row(kind, pname, escape(port.describe()) + opt, escape(port.description))
+        if not outs:
+            table.add_row("out", "-", "set by its params", "")
         out.print(table)
 
 
@@ -211,8 +262,13 @@ def render(graph: Optional[str] = GRAPH_ARG,
     from .render import render as do_render
 
     with clear_errors():
+        if not output.parent.exists():
+            raise CommandError("render", f"cannot write {output}: folder {output.parent} does not exist", "output")
+        if commands is not None and not commands.is_file():
+            raise CommandError("render", f"command script {commands} does not exist", "commands")
         engine = _open(graph or str(demo_path()), device, dtype, compile, random_weights, weights_dir)
         script = load_script(commands, engine) if commands else None
+        _check_script_fits(script or [], blocks, commands)
         clips = {}
         for item in input or []:
             name, sep, path = item.partition("=")
@@ -232,11 +288,16 @@ def render(graph: Optional[str] = GRAPH_ARG,
 def bench(graph: Optional[str] = GRAPH_ARG,
           blocks: int = typer.Option(50, min=1, help="measured blocks per mode"),
           warmup: int = typer.Option(5, min=0, help="blocks run before measuring"),
-          compile: str = typer.Option("eager,compile,cudagraph", help="modes to compare, comma-separated"),
+          compile: Optional[str] = typer.Option(None, help="modes to compare, comma-separated (default: "
+                                                "eager,compile,cudagraph on a GPU, eager on a CPU)"),
           device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
           dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16"),
           json_out: Optional[Path] = typer.Option(None, "--json", help="write the report (schema in bench.py)"),
           plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG: per-node bars, block times"),
+          trace: Optional[Path] = typer.Option(None, "--trace", help="write a Chrome/Perfetto trace of the timed "
+                                               "blocks (open at ui.perfetto.dev)"),
+          switch: int = typer.Option(0, "--switch", min=0, help="a prompt switch lands every N measured blocks: "
+                                                                "its cost in the block where it lands"),
           random_weights: bool = RANDOM_WEIGHTS,
           swap: bool = typer.Option(False, "--swap", help="also swap through the graph's alternatives and report "
                                                           "the stall of each swap"),
@@ -245,12 +306,11 @@ def bench(graph: Optional[str] = GRAPH_ARG,
 
     Example: `reactor-graph bench graphs/demo.yaml --compile eager,cudagraph --json b.json --plot b.png`
     """
-    from .bench import plot as draw
-    from .bench import run_bench
+    from .bench import default_modes, run_bench
     from .compile import MODES
 
     with clear_errors():
-        modes = [m.strip() for m in compile.split(",") if m.strip()]
+        modes = [m.strip() for m in compile.split(",") if m.strip()] if compile else []
         bad = [m for m in modes if m not in MODES]
         if bad:
             raise CommandError("bench", f"unknown compile mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}",
@@ -268,41 +328,108 @@ def bench(graph: Optional[str] = GRAPH_ARG,
             if json_out:
                 json_out.write_text(json.dumps(report, indent=2))
             return
+        for p in (json_out, plot, trace):
+            _check_writable(p)
         engine = _open(graph or str(demo_path()), device, dtype, "eager", random_weights)
+        modes = modes or default_modes(engine.device)
+        probes: dict = {}
         with console.status("benchmarking") as status:
-            report = run_bench(engine, modes, blocks, warmup, progress=_progress(status))
+            report = run_bench(engine, modes, blocks, warmup, progress=_progress(status), switch=switch,
+                               probes=probes)
             if swap:
                 from .bench import swap_scenario
 
                 report["swaps"] = swap_scenario(engine, progress=_progress(status))
-        table = Table(title=f"{report['graph']} on {report['device_name']} ({report['dtype']})", title_justify="left")
-        for col in ("mode", "block p50", "p95", "p99", "hot path", "overhead", "frames/s", "first frame",
-                    "compile+capture", "peak MB"):
-            table.add_column(col, justify="right")
-        for m, r in report["modes"].items():
-            b = r["block_ms"]
-            peak = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
-            table.add_row(m if r["mode"] == m else f"{m} (ran {r['mode']})", f"{b['p50']:.2f} ms", f"{b['p95']:.2f}",
-                          f"{b['p99']:.2f}", f"{r['hot_path_ms']['p50']:.2f}", f"{r['overhead_ms']:.2f}",
-                          f"{r['fps']:.1f}", f"{r['ttff_s'] * 1000:.0f} ms",
-                          f"{r['compile_s'] + r['capture_s']:.1f} s", peak)
-        out.print(table)
-        for m, r in report["modes"].items():
-            out.print(f"[bold]{m}[/] per node (p50 ms): " + ", ".join(f"{n} {v:.2f}" for n, v in r["nodes_ms"].items()))
-            if r["note"]:
-                out.print(f"  note: {r['note']}")
-        for sw in report.get("swaps", []):
-            what = f"{sw['node']} -> {sw['now']}" if sw["ok"] else f"refused: {sw['error']}"
-            out.print(f"swap {what}: stall {sw['stall_ms']:.2f} ms over a {sw['block_p50_ms']:.2f} ms block"
-                      + (" (recaptured)" if sw["recaptured"] else ""))
-        if report["ratios"]:
-            out.print("ratios (block p50): " + ", ".join(f"{k} {v:.2f}x" for k, v in report["ratios"].items()))
+        print_bench(report)
         if json_out:
             json_out.write_text(json.dumps(report, indent=2))
             out.print(f"wrote {json_out}")
         if plot:
+            from .bench import plot as draw
+
             draw(report, plot)
             out.print(f"wrote {plot}")
+        if trace:
+            from .trace import write
+
+            n = write(trace, probes)
+            out.print(f"wrote {trace}: {n} events (open it at ui.perfetto.dev or chrome://tracing)")
+
+
+def _check_script_fits(script, blocks: int, path) -> None:
+    """A command due after the last rendered block would be silently skipped: say which, and why."""
+    from .errors import Issue
+
+    late = [Issue(f"[{i}].block", f"block {item.block} is past the last block rendered ({blocks - 1}); raise "
+                                  f"--blocks or move the command")
+            for i, item in enumerate(script) if item.block is not None and item.block >= blocks]
+    if late:
+        raise GraphError(late, str(path))
+
+
+def _check_writable(path: Optional[Path]) -> None:
+    """Before any work: an output path whose folder is missing is named now, not after minutes of it."""
+    if path is not None and not path.parent.exists():
+        raise CommandError("bench", f"cannot write {path}: folder {path.parent} does not exist")
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def print_bench(report: dict) -> None:
+    """The report in tables that fit 80 columns: latency, throughput and start-up, then per node."""
+    from .bench import label
+
+    modes = report["modes"]
+    rows = {m: label(m, r) for m, r in modes.items()}
+    t1 = Table(title=f"{report['graph']} on {report['device_name']} ({report['dtype']}), ms", title_justify="left")
+    for col in ("mode", "p50", "p95", "p99", "hot", "nodes", "ovh"):
+        t1.add_column(col, justify="left" if col == "mode" else "right", overflow="fold")
+    for m, r in modes.items():
+        b = r["block_ms"]
+        t1.add_row(rows[m], _ms(b["p50"]), _ms(b["p95"]), _ms(b["p99"]), _ms(r["hot_path_ms"]["p50"]),
+                   _ms(r["nodes_sum_ms"]), _ms(r["overhead_ms"]))
+    out.print(t1)
+    out.print("  p50/p95/p99: block latency; hot: hot path (un-probed); nodes: sum of per-node times (probed);\n"
+              "  ovh: block p50 - hot, what the engine adds", highlight=False)
+    t2 = Table(title="throughput and start-up", title_justify="left")
+    for col in ("mode", "frames/s", "1st frame", "compile", "capture", "probe", "peak MB"):
+        t2.add_column(col, justify="left" if col == "mode" else "right", overflow="fold")
+    for m, r in modes.items():
+        peak = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
+        t2.add_row(rows[m], f"{r['fps']:.1f}", f"{r['ttff_s'] * 1000:.0f} ms", f"{r['compile_s']:.1f} s",
+                   f"{r['capture_s']:.1f} s", f"{r['probe_cost_ms']:+.2f}", peak)
+    out.print(t2)
+    out.print("  probe: what timing every node adds to the hot path (probed - un-probed, ms)", highlight=False)
+    t3 = Table(title="per node, p50 ms (on change: first run / steady)", title_justify="left")
+    t3.add_column("node", overflow="fold")
+    names = list(modes)
+    for i, m in enumerate(names, 1):
+        t3.add_column(f"[{i}]", justify="right", overflow="fold")
+    oc = list(dict.fromkeys(n for r in modes.values() for n in r.get("on_change", {})))
+    for n in oc:
+        t3.add_row(f"{n} (on change)", *[f"{_ms(modes[m]['on_change'][n]['first_ms'])} / "
+                                         f"{_ms(modes[m]['on_change'][n]['steady_ms'])}" for m in names])
+    for n in dict.fromkeys(n for r in modes.values() for n in r["nodes_ms"]):
+        t3.add_row(n, *[_ms(modes[m]["nodes_ms"].get(n)) for m in names])
+    t3.add_row("[dim]sum of nodes[/]", *[_ms(modes[m]["nodes_sum_ms"]) for m in names])
+    t3.add_row("[dim]hot path, probed[/]", *[_ms(modes[m]["probed_hot_path_ms"]) for m in names])
+    out.print(t3)
+    out.print("  " + "; ".join(f"[{i}] {rows[m]}" for i, m in enumerate(names, 1)), highlight=False)
+    for m, r in modes.items():
+        if r["note"]:
+            out.print(f"  {m}: {r['note']}", highlight=False)
+        if r.get("switch"):
+            sw = r["switch"]
+            out.print(f"  {m}: prompt switch every {sw['every']} blocks: {sw['block_ms']:.2f} ms in the block where "
+                      f"it lands, {sw['stall_ms']:+.2f} ms over p50", highlight=False)
+    for sw in report.get("swaps", []):
+        what = f"{sw['node']} -> {sw['now']}" if sw["ok"] else f"refused: {sw['error']}"
+        out.print(f"swap {what}: stall {sw['stall_ms']:.2f} ms over a {sw['block_p50_ms']:.2f} ms block"
+                  + (" (recaptured)" if sw["recaptured"] else ""))
+    if report["ratios"]:
+        out.print("ratios (block p50): " + ", ".join(f"{k} {v:.2f}x" for k, v in report["ratios"].items()))
 
 
 @app.command()
@@ -329,6 +456,9 @@ def run(graph: Optional[str] = GRAPH_ARG,
                                      "pip install 'reactor-graph[scale]'; docs/scale-out.md)"),
         ray_address: Optional[str] = typer.Option(None, help="a Ray cluster for the replicas (default: a local "
                                                   "one, when --replicas > 1)"),
+        trace: Optional[Path] = typer.Option(None, "--trace", help="time every node of the stream and write a "
+                                             "Chrome/Perfetto trace of the last blocks served at shutdown"),
+        trace_blocks: int = typer.Option(500, min=1, help="blocks the --trace file keeps (the last ones)"),
         random_weights: bool = RANDOM_WEIGHTS, weights_dir: Optional[list[Path]] = WEIGHTS_DIR):
     """Serve a graph (or a Reactor manifest.json): a web page, the Reactor JS SDK local protocol, metrics.
 
@@ -344,6 +474,12 @@ def run(graph: Optional[str] = GRAPH_ARG,
         if not is_loopback_host(host) and not token:
             console.print(f"[bold yellow]warning:[/] serving on {host} without a token: anyone who can reach "
                           f"this address can use the model; pass --token (or set REACTOR_GRAPH_TOKEN)")
+        _check_port(host, port)
+        if trace is not None and (replicas > 1 or ray_address):
+            raise CommandError("run", "--trace traces one engine; it does not go with --replicas/--ray-address",
+                               "trace")
+        if trace is not None and not trace.parent.exists():
+            raise CommandError("run", f"cannot write {trace}: folder {trace.parent} does not exist", "trace")
         if replicas > 1 or ray_address:
             _run_replicas(graph, replicas, ray_address, host, port, access, max_seconds, device=device,
                           dtype=dtype, compile=compile, random_weights=random_weights, weights_dir=weights_dir,
@@ -352,10 +488,13 @@ def run(graph: Optional[str] = GRAPH_ARG,
                                         advertise_address=advertise_address))
             return
         engine = _open(graph or str(demo_path()), device, dtype, compile, random_weights, weights_dir=weights_dir)
+        probe = _start_trace(engine, trace, trace_blocks) if trace is not None else None
         code = serve(engine, host=host, port=port, max_seconds=max_seconds, policy=policy,
                      queue_frames=queue_frames, access=access, max_session_seconds=max_session_seconds,
                      block_timeout=block_timeout, advertise_address=advertise_address,
                      announce=lambda url: out.print(f"[bold green]serving[/] {engine.name} at {url}"))
+        if probe is not None:
+            _write_trace(trace, probe)
         if code:
             console.print("[bold red]error:[/] the engine is stuck in a node that does not return; exiting so "
                           "that a supervisor can restart the server")
@@ -373,6 +512,48 @@ def _run_replicas(graph, replicas, ray_address, host, port, access, max_seconds,
     engine["weights_dir"] = [str(Path(p).resolve()) for p in engine.get("weights_dir") or []] or None
     serve_replicas(path, replicas, ray_address, host, port, access, engine, settings, max_seconds,
                    announce=lambda url: out.print(f"[bold green]serving[/] {replicas} replicas at {url}"))
+
+
+def _check_port(host: str, port: int) -> None:
+    """Before loading the model: a port already taken is one line, not a traceback minutes later."""
+    import socket
+
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            why = "is already in use" if exc.errno in (98, 48, 10048) else f"cannot be used ({exc.strerror})"
+            raise CommandError("run", f"port {port} on {host} {why}; pick another with --port", "port") from None
+
+
+def _start_trace(engine, path: Path, keep: int):
+    """`run --trace`: the engine times every node (a compiled hot path is built again, split at node
+    boundaries) and the track records each frame; written at shutdown."""
+    from collections import deque
+
+    from .hot_path import Probe
+    from .server import tracks
+
+    if not hasattr(engine, "use_probe"):
+        raise CommandError("run", "--trace needs a graph (a wrapped Reactor model is one opaque loop)", "trace")
+    probe = Probe(engine.device, keep=keep)
+    with console.status("preparing the traced hot path") as status:
+        engine.use_probe(probe, progress=_progress(status))
+    tracks.TRACE = deque(maxlen=keep * 64)
+    return probe
+
+
+def _write_trace(path: Path, probe) -> None:
+    from .server import tracks
+    from .trace import write
+
+    frames, tracks.TRACE = list(tracks.TRACE or ()), None
+    n = write(path, {"reactor-graph run": probe}, {"reactor-graph run": frames})
+    out.print(f"wrote {path}: {n} events (open it at ui.perfetto.dev or chrome://tracing)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import CaptureError, NodeError
-from .hot_path import HotPath, run_node
+from .hot_path import HotPath, Probe, run_node
 from .plan import Source
 
 MODES = ("eager", "compile", "cudagraph")
@@ -48,13 +48,13 @@ def compile_function(fn: Callable, backend: str, counted: Callable[[], None] | N
 class Segment:
     """The capturable part of the hot path as one function of static inputs, for one phase key."""
 
-    def __init__(self, hot: HotPath, names: list[str], phases: dict[str, int]):
-        self.hot, self.names, self.phases = hot, names, dict(phases)
+    def __init__(self, hot: HotPath, names: list[str], phases: dict[str, int], probe: Probe | None = None):
+        self.hot, self.names, self.phases, self.probe = hot, names, dict(phases), probe
 
     def __call__(self, inputs: dict[Source, Any]) -> dict[Source, Any]:
         values = dict(inputs)
         for name in self.names:
-            run_node(self.hot, name, values, self.phases.get(name, 0), traced=True)
+            run_node(self.hot, name, values, self.phases.get(name, 0), traced=True, probe=self.probe)
         return {k: v for k, v in values.items() if k.node in self.names}
 
 
@@ -71,6 +71,7 @@ class Capture:
     static_in: dict[Source, Any] = field(default_factory=dict)
     static_out: dict[Source, Any] = field(default_factory=dict)
     copied: dict[Source, int | None] = field(default_factory=dict)  # version last copied into each input
+    marks: list[tuple] = field(default_factory=list)  # a probe's marks recorded inside the graph (cudagraph)
 
 
 def _describe(t: Any) -> str:
@@ -84,8 +85,10 @@ class CompiledHotPath:
 
     WARMUP = 2
 
-    def __init__(self, hot: HotPath, mode: str, device: torch.device, backend: str = "inductor"):
+    def __init__(self, hot: HotPath, mode: str, device: torch.device, backend: str = "inductor",
+                 probe: Probe | None = None):
         self.hot, self.mode, self.device, self.backend = hot, mode, device, backend
+        self.probe = probe  # marks at node boundaries: splits the compiled segment there (see Probe)
         # Prologue: hot nodes that need host values; they must depend only on external inputs.
         self.prologue: list[str] = []
         for name in hot.order:
@@ -148,7 +151,7 @@ class CompiledHotPath:
         """The uncaptured nodes, eagerly, then every captured node's host inputs: the values of one block."""
         values = dict(external)
         for name in self.prologue:
-            run_node(self.hot, name, values, phases.get(name, 0))
+            run_node(self.hot, name, values, phases.get(name, 0), probe=self.probe)
         for name in self.captured:
             self.hot.prepare_host(name, values)
         return values
@@ -175,9 +178,17 @@ class CompiledHotPath:
         record = self.captures.get(key)
         if record is None:
             record = Capture(key, fn=None)
-            record.fn = self._compile(record, Segment(self.hot, self.captured, phases))
+            record.fn = self._compile(record, Segment(self.hot, self.captured, phases, self.probe))
             self.captures[key] = record
         t0 = time.perf_counter()
+        held = self.probe.take() if self.probe else None  # warm-up and capture are no block's marks
+        try:
+            return self._prepare(record, inputs, t0)
+        finally:
+            if self.probe:
+                self.probe.marks = held
+
+    def _prepare(self, record: Capture, inputs: dict[Source, Any], t0: float) -> Capture:
         if self.mode == "compile":
             record.fn(inputs)  # first call compiles
             self.times["compile_s"] += time.perf_counter() - t0
@@ -197,9 +208,13 @@ class CompiledHotPath:
         self.times["compile_s"] += time.perf_counter() - t0
         t1 = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
+        if self.probe:
+            self.probe.take()  # warm-up's marks
         with torch.cuda.graph(graph, pool=self.pool):
             out = record.fn(static)
         torch.cuda.synchronize(self.device)
+        if self.probe:
+            record.marks = self.probe.take()  # event-record nodes of the graph: replayed with it
         self.times["capture_s"] += time.perf_counter() - t1
         record.graph, record.static_in, record.static_out, record.state = graph, static, out, "captured"
         return record
@@ -224,6 +239,8 @@ class CompiledHotPath:
                 buf.copy_(inputs[src], non_blocking=True)
                 record.copied[src] = version
         record.graph.replay()
+        if self.probe:
+            self.probe.replayed(record.marks)
         self.replays += 1
         return record.static_out
 
@@ -269,7 +286,8 @@ def phase_keys(hot: HotPath, phases_of: Callable, horizon: int | None = None) ->
     return out
 
 
-def build_executor(hot: HotPath, mode: str, device: torch.device, backend: str = "inductor") -> Callable:
+def build_executor(hot: HotPath, mode: str, device: torch.device, backend: str = "inductor",
+                   probe: Probe | None = None) -> Callable:
     """The per-block callable for `mode` over `hot`; a compiled one still needs its `warm_up`."""
     if mode == "eager":
         return hot
@@ -280,4 +298,4 @@ def build_executor(hot: HotPath, mode: str, device: torch.device, backend: str =
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
-    return CompiledHotPath(hot, mode, device, backend=backend)
+    return CompiledHotPath(hot, mode, device, backend=backend, probe=probe)

@@ -6,10 +6,98 @@ once.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
+
+import torch
 
 from .errors import NodeError
 from .plan import Plan, Source, Wiring
+
+
+class Probe:
+    """Timing marks at node boundaries, taken by `run_node` (the one place), in every mode.
+
+    A mark is (name, kind, edge, host perf_counter, CUDA event or None). On a GPU the event is recorded on the
+    current stream with `external=True`, so inside a CUDA graph capture it becomes an event-record node of the
+    graph and is re-recorded by every replay (the compiled executor keeps a capture's marks in its Capture and
+    hands them back here at replay: `replayed`). On the CPU the host clock is exact (work is synchronous).
+    `mark` is excluded from torch.compile: under compile it is a graph break, so the compiled hot path is split
+    at node boundaries and each piece is timed. That changes the compiled code (no fusion across nodes), which
+    is why a probe is opt-in and bench reports the un-probed block next to the probed one.
+
+    kinds: block (a whole block), on_change, hot_path, node (a hot node), copy (to the host)."""
+
+    def __init__(self, device: torch.device, keep: int | None = None):
+        """`keep`: hold only the last `keep` blocks (and their commands), for a probe left on in a server."""
+        self.cuda = device.type == "cuda"
+        self.keep = keep
+        self.marks: list[tuple] = []  # of the block now running
+        self.blocks: list[dict] = []  # resolved blocks: {"index", "host_t0", "spans": [...]}, see resolve
+        self._pending: list[tuple[int, list[tuple]]] = []
+        self.commands: list[dict] = []  # each command applied: name, params, block, submitted, applied (host s)
+
+    @torch.compiler.disable
+    def mark(self, name: str, kind: str, edge: str) -> None:
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True, external=True)
+            event.record()
+        self.marks.append((name, kind, edge, time.perf_counter(), event))
+
+    def applied(self, block: int, pending: list, at: float) -> None:
+        """Commands applied at the boundary of `block` (arrival -> application; the block's frames show them)."""
+        now = time.perf_counter()
+        for p in pending:
+            name = p.command.name if p.command is not None else ("swap" if p.action is not None else "reset")
+            params = p.params.model_dump() if p.params is not None else {}
+            self.commands.append({"name": name, "params": params, "block": block, "submitted": p.submitted,
+                                  "applied": now, "boundary": at})
+
+    def take(self) -> list[tuple]:
+        marks, self.marks = self.marks, []
+        return marks
+
+    def replayed(self, marks: list[tuple]) -> None:
+        """The marks a CUDA graph recorded at capture ran again now (their host times are this replay's)."""
+        now = time.perf_counter()
+        self.marks.extend((n, k, e, now, ev, "replayed") for n, k, e, _, ev in marks)
+
+    def end_block(self, index: int) -> None:
+        marks = self.take()
+        self._pending.append((index, marks))
+        if any(len(m) > 5 for m in marks) or len(self._pending) >= 64:  # replayed events are re-recorded by
+            self.resolve()                                                 # the next replay: read them now
+
+    def resolve(self) -> list[dict]:
+        """Spans of every finished block: (name, kind, device start ms, device ms, host start s, host s),
+        device times relative to the block's first mark (on the CPU the host clock stands for both)."""
+        for index, marks in self._pending:
+            if self.cuda and marks:
+                marks[-1][4].synchronize()
+            t0_host, ev0 = marks[0][3], marks[0][4]
+            open_: dict[tuple[str, str], tuple] = {}
+            spans = []
+            for m in marks:
+                name, kind, edge, host, ev = m[:5]
+                if edge == "start":
+                    open_[(name, kind)] = m
+                    continue
+                s = open_.pop((name, kind), None)
+                if s is None:
+                    continue
+                if self.cuda:
+                    dev0, dev = ev0.elapsed_time(s[4]), s[4].elapsed_time(ev)
+                else:
+                    dev0, dev = (s[3] - t0_host) * 1000, (host - s[3]) * 1000
+                spans.append((name, kind, dev0, dev, s[3], host - s[3]))
+            self.blocks.append({"index": index, "host_t0": t0_host, "spans": spans})
+        self._pending.clear()
+        if self.keep is not None and len(self.blocks) > self.keep:
+            del self.blocks[:-self.keep]
+            since = self.blocks[0]["host_t0"]
+            self.commands = [c for c in self.commands if c["applied"] >= since]
+        return self.blocks
 
 
 class HotPath:
@@ -22,6 +110,7 @@ class HotPath:
         self.nodes, self.bindings = wiring.nodes, wiring.bindings
         self.order = list(plan.hot)
         self.current: str | None = None  # the node running now, for the watchdog and error messages
+        self.probe: Probe | None = None  # timing marks at node boundaries (bench, --trace)
         self._host_ports = {n: self._find_host_ports(n) for n in wiring.nodes}
         self.external_sources: list[Source] = self._find_external()
 
@@ -62,17 +151,21 @@ class HotPath:
                  versions: dict[Source, int] | None = None) -> dict[str, Any]:
         values: dict[Source, Any] = dict(external)
         for name in self.order:
-            run_node(self, name, values, phases.get(name, 0))
+            run_node(self, name, values, phases.get(name, 0), probe=self.probe)
         return self.outputs(values)
 
 
-def run_node(hot: HotPath, name: str, values: dict[Source, Any], phase: int = 0, traced: bool = False) -> None:
+def run_node(hot: HotPath, name: str, values: dict[Source, Any], phase: int = 0, traced: bool = False,
+             probe: Probe | None = None, kind: str = "node") -> None:
     """Run node `name` on its inputs taken from `values`; its outputs are added to `values`.
 
     `traced`: inside a compiled/captured segment, where host inputs were handed over beforehand and an error
-    is the segment's (it is named there); otherwise a failure raises NodeError naming the node."""
+    is the segment's (it is named there); otherwise a failure raises NodeError naming the node.
+    `probe`: marks the node's start and end (`kind`: node | on_change), the one place nodes are timed."""
     node = hot.nodes[name]
     node.phase = phase
+    if probe is not None:
+        probe.mark(name, kind, "start")
     if traced:
         outs = node.forward(**hot.forward_inputs(name, values))
     else:
@@ -86,5 +179,7 @@ def run_node(hot: HotPath, name: str, values: dict[Source, Any], phase: int = 0,
             raise NodeError(name, node.type_name, "forward", exc) from exc
         finally:
             hot.current = None
+    if probe is not None:
+        probe.mark(name, kind, "end")
     for port, value in outs.items():
         values[Source(name, port)] = value

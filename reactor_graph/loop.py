@@ -23,7 +23,7 @@ from .emit import Block, HostCopier
 from .inputs import InputFeeds
 from .errors import CommandError, NodeError, ReactorGraphError, SessionError
 from .host import HostFeatures
-from .hot_path import HotPath, run_node
+from .hot_path import HotPath, Probe, run_node
 from .plan import Plan, Source, Wiring
 from .session_thread import SessionThread
 from .slots import RESET, CommandQueue, Pending, SlotStore
@@ -87,6 +87,7 @@ class Engine(HostFeatures):
         self._versions: dict[Source, int] = {}
         self._values: dict[Source, Any] = {}
         self.executor: Callable = self.hot
+        self.probe: Probe | None = None  # timing marks at node boundaries (use_probe: bench, --trace)
         self.restart_pending = False
         self._block_t0: float | None = None  # when the block now running began (None between blocks)
 
@@ -161,7 +162,7 @@ class Engine(HostFeatures):
                         "'eager'", self.device)
             self.mode_note = f"cudagraph needs a CUDA GPU; fell back to eager on {self.device}"
             self.mode = "eager"
-        ex = build_executor(self.hot, self.mode, self.device, self.compile_backend)
+        ex = build_executor(self.hot, self.mode, self.device, self.compile_backend, probe=self.probe)
         if isinstance(ex, CompiledHotPath):
             verb = "capturing" if self.mode == "cudagraph" else "compiling"
             self.reset_nodes()  # warm-up writes node state (KV caches): reset before and after
@@ -181,8 +182,23 @@ class Engine(HostFeatures):
         self.wiring = wiring
         old = self.hot
         self.hot = HotPath(self.plan, wiring)
+        self.hot.probe = self.probe
         if recapture or self.executor is old:
             self.prepare_executor()
+
+    def use_probe(self, probe: Probe | None, progress: Callable[[str], None] | None = None,
+                  executor: Callable | None = None) -> Callable:
+        """Time every node (on-change and hot) at its boundaries with `probe` from the next block on (None:
+        stop). A compiled executor is built anew, split at node boundaries (see Probe), unless `executor` (one
+        built before for this probe state, over this hot path) is given. Returns the previous executor, so a
+        caller can put the un-probed one back without compiling it again."""
+        prev = self.executor
+        self.probe = self.hot.probe = probe
+        if executor is not None:
+            self.executor = executor
+        elif isinstance(prev, CompiledHotPath):
+            self.prepare_executor(progress)
+        return prev
 
     def _warm_alternatives(self, say) -> None:
         """Run each declared condition alternative once on default slots, so its first swap is not its first
@@ -284,7 +300,7 @@ class Engine(HostFeatures):
             if self._seen.get(name) == versions:
                 continue
             values = {src: self._source_value(src)[0] for src in binds.values()}
-            run_node(self.hot, name, values)
+            run_node(self.hot, name, values, probe=self.probe, kind="on_change")
             for port in self.nodes[name].ports()[1]:
                 src = Source(name, port)
                 self._values[src] = values[src]
@@ -329,11 +345,18 @@ class Engine(HostFeatures):
 
     def run_block(self, block: int) -> dict[str, Any]:
         """One block: on-change nodes whose inputs moved, then the hot path. Returns the output's values."""
+        probe = self.probe
         with torch.inference_mode():
             self.inputs.sync(self.slots)  # the newest camera frame into its slot (a copy; inputs.py)
             self.run_on_change()
             versions = self.external_versions()
-            return self.executor(self.external(), self.phases(block, self.changed_inputs(versions)), versions)
+            phases = self.phases(block, self.changed_inputs(versions))
+            if probe is None:
+                return self.executor(self.external(), phases, versions)
+            probe.mark("hot path", "hot_path", "start")
+            out = self.executor(self.external(), phases, versions)
+            probe.mark("hot path", "hot_path", "end")
+            return out
 
     def run_session(self, on_block: Callable[[Block], None], max_blocks: int | None = None,
                     stop: threading.Event | None = None,
@@ -358,11 +381,23 @@ class Engine(HostFeatures):
                     before_block(result.blocks)
                 t0 = time.perf_counter()  # the block starts at its boundary: commands and swaps count
                 self._block_t0 = t0
-                if self._apply(self.commands.drain()):
+                probe = self.probe
+                if probe is not None:
+                    probe.mark("block", "block", "start")
+                pending = self.commands.drain()
+                if self._apply(pending):
                     self.reset_nodes()
                     seq = 0
+                if probe is not None:
+                    probe.applied(result.blocks, pending, t0)
                 out = self.run_block(seq)
+                if probe is not None:
+                    probe.mark("copy to host", "copy", "start")
                 block = self.copier.emit(result.blocks, out, self.plan.nodes[self.plan.output].params, t0)
+                if probe is not None:
+                    probe.mark("copy to host", "copy", "end")
+                    probe.mark("block", "block", "end")
+                    probe.end_block(result.blocks)
                 self._block_t0 = None  # handing the block on may wait for the viewer: that is not a hang
                 self.stats.last_block_s = time.perf_counter() - t0
                 self.stats.slowest_block_s = max(self.stats.slowest_block_s, self.stats.last_block_s)

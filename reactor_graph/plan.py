@@ -6,6 +6,7 @@ is checked here, and all problems found are reported together.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -63,8 +64,9 @@ class Plan:
     alternatives: Mapping[str, Node] = field(default_factory=dict)
     alt_bindings: Mapping[str, Mapping[str, Source]] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def wiring(self) -> Wiring:
+        """One object, so `engine.wiring is plan.wiring` tells a session that swapped nothing."""
         return Wiring(self.nodes, self.bindings)
 
     @property
@@ -156,6 +158,16 @@ def instantiate(ls: LoadedSpec, section: str, name: str, ns: NodeSpec, info: Gra
     except ValidationError as err:
         issues.extend(pydantic_issues(err, ls.pos, (section, name, "params")))
         return None
+    weights = getattr(params, "weights", None)
+    if isinstance(weights, str) and weights != "random":  # checked here, so `validate` says so, not `render`
+        from .weights import resolve
+
+        path = resolve(weights, ls.root)
+        if not path.exists():
+            issues.append(ls.issue((section, name, "params", "weights"),
+                                   f"weights file {path} does not exist (weights are read from local files only; "
+                                   f"fix the path, or use --random-weights)"))
+            return None
     try:
         return cls(name, params, info)
     except (ValueError, TypeError) as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .errors import CommandError
 from .inputs import IMAGE_PARAM, MEDIA_TYPES, media_value
-from .spec import CommandSpec, ParamSpec, SlotSpec
+from .spec import CommandSpec, ParamSpec, SlotSpec, near
 
 _PY_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 RESET = "reset"
@@ -71,11 +72,15 @@ class Command:
         try:
             return self.model.model_validate(params or {})
         except ValidationError as err:
-            e = err.errors()[0]
+            errors = err.errors()
+            # a misspelt key shows as both "missing" and "extra": name the unknown key, with what it may mean
+            e = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
             field_name = ".".join(str(p) for p in e["loc"]) or None
             msg = e["msg"].removeprefix("Value error, ")
+            takes = ", ".join(self.model.model_fields) or "nothing"
             if e["type"] == "extra_forbidden":
-                msg = f"unknown parameter; this command takes: {', '.join(self.model.model_fields) or 'nothing'}"
+                msg = f"unknown parameter '{field_name}'{near(str(field_name), self.model.model_fields)}; " \
+                      f"this command takes: {takes}"
             elif e["type"] == "missing":
                 msg = "required parameter is missing"
             raise CommandError(self.name, msg, field_name) from None
@@ -126,6 +131,7 @@ class Pending:
     params: BaseModel | None
     reply: Any = None  # optional callback(result: dict) for whoever sent it
     action: Any = None  # engine-side work for the boundary (a swap); returns the reply dict
+    submitted: float = field(default_factory=time.perf_counter)  # when it arrived (traces: arrival -> frame)
 
 
 class CommandQueue:

@@ -87,7 +87,14 @@ def parse_yaml(text: str, file: str | None = None) -> tuple[Any, Positions]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
-        raise GraphError([Issue("", f"not valid YAML: {getattr(exc, 'problem', exc)}", line)], file) from None
+        problem = str(getattr(exc, "problem", exc))
+        hint = ""
+        if any(k in problem for k in ("mapping values are not allowed", "expected <block end>",
+                                      "did not find expected key", "could not find expected ':'")):
+            hint = "; check the indentation of this line and the one before (nested keys indent by two spaces)"
+        elif "tab" in problem:
+            hint = "; indent with spaces, not tabs"
+        raise GraphError([Issue("", f"not valid YAML: {problem}{hint}", line)], file) from None
     if root is None:
         raise GraphError([Issue("", "the file is empty; a graph starts with 'reactor-graph: 1'", 1)], file)
     pos[()] = root.start_mark.line + 1
@@ -250,7 +257,16 @@ def load_spec(source: str | Path, text: str | None = None) -> LoadedSpec:
         path = Path(source)
         if not path.exists():
             raise GraphError([Issue("", "file not found")], file)
-        text = path.read_text()
+        if path.is_dir():
+            raise GraphError([Issue("", "is a folder, not a graph file (a .yaml file)")], file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise GraphError([Issue("", "is not a text file (a graph is YAML text)")], file) from None
+        except OSError as exc:
+            raise GraphError([Issue("", f"cannot be read: {exc.strerror or exc}")], file) from None
+        if "\x00" in text:
+            raise GraphError([Issue("", "is not a text file (a graph is YAML text)")], file)
         root = path.resolve().parent
     data, pos = parse_yaml(text, file)
     if not isinstance(data, dict):

@@ -337,5 +337,10 @@ async def _serve(model: Any, host: str, port: int, max_seconds: float | None,
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+        why = f"the engine is stuck ({fatal[0]})" if fatal else ("a signal" if done.is_set() else
+                                                                 f"--max-seconds {max_seconds:g}")
+        active = server.manager.active
+        log.info("shutting down on %s%s", why, f"; ending the session of {active.id[:8]}" if active else "")
         await server.close()
+        log.info("stopped")
     return FATAL_EXIT if fatal else 0

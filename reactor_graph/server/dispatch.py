@@ -107,6 +107,11 @@ class Dispatcher:
             return
         def reply(result: dict) -> None:  # the engine's thread
             self._reply_later(client, P.runtime(P.SWAP_RESULT, {"node": node, **result}))
+            if result.get("ok"):
+                log.info("swap for %s: %s -> %s (stall %.1f ms)", client.id[:8], node, result.get("now"),
+                         result.get("stall_ms") or 0.0)
+            else:
+                log.info("swap of %s for %s failed: %s", node, client.id[:8], result.get("error"))
 
         alternative = data.get("alternative")
         if not isinstance(alternative, (str, type(None))):
@@ -116,6 +121,7 @@ class Dispatcher:
         try:
             self.host.request_swap(node, alternative, None, reply)
         except ReactorGraphError as exc:
+            log.info("swap of %s for %s refused: %s", node, client.id[:8], exc)
             client.send(P.runtime(P.SWAP_RESULT, {"node": node, "ok": False, "error": str(exc)}))
 
     def _command(self, client: Client, env: P.Envelope) -> None:
@@ -141,6 +147,7 @@ class Dispatcher:
             self.host.submit(env.type, env.data, reply)
         except CommandError as exc:
             self.metrics.inc("commands_total", result="rejected")
+            log.info("command %s from %s refused: %s", name, client.id[:8], exc)
             client.send(P.command_result(name, False, str(exc), exc.field, exc.reason))
         except Exception:  # noqa: BLE001 - a host bug must not take the channel down
             log.exception("submit(%r) failed", name)

@@ -109,6 +109,8 @@ class SessionManager:
         client = Client(uuid.uuid4().hex, remote=remote)
         client.bucket = P.TokenBucket(self.settings.rate, self.settings.burst)
         self.clients[client.id] = client
+        log.info("client %s from %s: waiting for the model (%d clients)", client.id[:8], remote or "?",
+                 len(self.clients))
         return client
 
     def session_response(self, client: Client) -> dict:
@@ -267,6 +269,7 @@ class SessionManager:
             client.started = time.monotonic()
             client.last_sent, client.last_stats = client.track.sent, time.monotonic()
             client.send(self._started_message(client))
+            log.info("session %s started for %s", client.id[:8], client.remote or "?")
         self._send_positions()
 
     async def _engine_ended(self, client: Client, result: Any) -> None:
@@ -315,7 +318,10 @@ class SessionManager:
             client.track.stop()
         for task in client.tasks:
             task.cancel()
-        log.info("client %s ended: %s", client.id, reason)
+        lasted = f" after {time.monotonic() - client.started:.1f} s" if was_active and client.started else ""
+        log.log(logging.WARNING if error else logging.INFO, "%s %s from %s ended%s: %s%s",
+                "session" if was_active else "client", client.id[:8], client.remote or "?", lasted, reason,
+                f" ({error})" if error else "")
         if not self.closing:
             await self.promote()
             self._send_positions()

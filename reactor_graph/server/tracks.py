@@ -22,6 +22,9 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 CLOCK_RATE = 90000
 TIME_BASE = Fraction(1, CLOCK_RATE)
+# `run --trace`: a bounded deque that every track appends to: each frame from its block leaving the hot path,
+# through the frame queue, to the encoder (aiortc encodes and sends it next); None: off
+TRACE = None
 POLICIES = ("latest", "lossless")
 
 
@@ -149,6 +152,7 @@ class BlockVideoTrack(MediaStreamTrack):
             if item is not None:
                 self._cond.notify_all()
         k = self.k
+        repeated = item is None
         if item is not None:
             self._last = item
             self.fresh += 1
@@ -165,6 +169,9 @@ class BlockVideoTrack(MediaStreamTrack):
         self.sent += 1
         frame = av.VideoFrame.from_ndarray(item.pixels, format=item.format)
         frame.pts = self.pts(k)
+        if TRACE is not None and not repeated and item.block >= 0:  # `run --trace`: block -> queue -> encoder
+            TRACE.append({"name": f"frame of block {item.block}", "start": item.ready, "end": time.perf_counter(),
+                          "args": {"block": item.block, "pts": frame.pts}})
         frame.time_base = TIME_BASE
         return frame
 

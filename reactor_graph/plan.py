@@ -166,7 +166,7 @@ def instantiate(ls: LoadedSpec, section: str, name: str, ns: NodeSpec, info: Gra
         if not path.exists():
             issues.append(ls.issue((section, name, "params", "weights"),
                                    f"weights file {path} does not exist (weights are read from local files only; "
-                                   f"fix the path, or use --random-weights)"))
+                                   f"fix the path, or use weights: random / --random-weights)"))
             return None
     try:
         return cls(name, params, info)

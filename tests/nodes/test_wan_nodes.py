@@ -187,11 +187,11 @@ def test_missing_weights_file_fails_load_naming_the_path(write_graph, tmp_path, 
     text = tiny_text(**{old: params}) if node_type != "wan_vae_decoder" else tiny_text(**{
         "type: taehv_decoder\n    params: {channels: [16, 8, 8, 8], weights: random}":
         f"type: wan_vae_decoder\n    params: {params}"})
-    plan = load_plan(write_graph(text))  # validation does not need the file
-    with pytest.raises(NodeError) as err:
-        Engine(plan, device="cpu").load()
+    with pytest.raises(GraphError) as err:  # validation finds the missing file, at its line
+        load_plan(write_graph(text))
     msg = str(err.value)
     assert str(tmp_path / "missing") in msg and "does not exist" in msg and "weights: random" in msg
+    assert "graph.yaml:" in msg and "params.weights" in msg
 
 
 def test_random_weights_override(write_graph):

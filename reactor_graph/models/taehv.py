@@ -160,7 +160,24 @@ class TGrow(nn.Module):
         return self.conv(x).reshape(-1, c, h, w)
 
 
-class TAEHVDecoder(StreamingDecoder):
+class MemBlockState:
+    """The streaming state of a TAEHV half: each MemBlock's last input frame, in fixed buffers. A subclass
+    names its layer stack (`stack`) and lists its MemBlocks with their scale (`mem_blocks`)."""
+
+    stack = ""
+
+    def _allocate_buffers(self, batch_size, latent_height, latent_width, device, dtype) -> None:
+        for _, blk, scale in self.mem_blocks():
+            blk.memory = torch.zeros(
+                batch_size, blk.n_in, latent_height * scale, latent_width * scale, device=device, dtype=dtype
+            )
+
+    def state_buffers(self) -> dict[str, torch.Tensor]:
+        """The allocated streaming state, by name (``<stack>.<i>.memory``)."""
+        return {f"{self.stack}.{i}.memory": b.memory for i, b, _ in self.mem_blocks() if b.memory is not None}
+
+
+class TAEHVDecoder(MemBlockState, StreamingDecoder):
     """TAEHV decoder for Wan 2.1 latents with block streaming over preallocated state (`StreamingDecoder`):
     ``[B, T, 16, h, w]`` latents -> ``[B, T', 3, 8h, 8w]`` frames in [-1, 1].
 
@@ -171,6 +188,8 @@ class TAEHVDecoder(StreamingDecoder):
             True)``; 4x overall).
         decoder_space_upscale: per stage, whether it doubles height and width (8x overall).
     """
+
+    stack = "decoder"  # names the state buffers ``decoder.<i>.memory``
 
     def __init__(
         self,
@@ -214,16 +233,6 @@ class TAEHVDecoder(StreamingDecoder):
             elif isinstance(layer, MemBlock):
                 out.append((i, layer, scale))
         return out
-
-    def _allocate_buffers(self, batch_size, latent_height, latent_width, device, dtype) -> None:
-        for _, blk, scale in self.mem_blocks():
-            blk.memory = torch.zeros(
-                batch_size, blk.n_in, latent_height * scale, latent_width * scale, device=device, dtype=dtype
-            )
-
-    def state_buffers(self) -> dict[str, torch.Tensor]:
-        """The allocated streaming state, by name (``decoder.<i>.memory``)."""
-        return {f"decoder.{i}.memory": b.memory for i, b, _ in self.mem_blocks() if b.memory is not None}
 
     # ------------------------------------------------------------------ decoding
     def frames_per_block(self, num_latent_frames: int, phase: int) -> int:
@@ -330,7 +339,7 @@ class TPool(nn.Module):
         return self.conv(x.reshape(-1, self.stride * c, h, w))
 
 
-class TAEHVEncoder(StreamingDecoder):
+class TAEHVEncoder(MemBlockState, StreamingDecoder):
     """TAEHV encoder (Wan 2.1 latent space), streamed a block at a time over preallocated state:
     ``[B, T, 3, H, W]`` frames in [-1, 1] -> ``[B, T / 4, 16, H / 8, W / 8]`` latents.
 
@@ -361,6 +370,8 @@ class TAEHVEncoder(StreamingDecoder):
 
     Value range: the input is in [-1, 1] (the decoders' output range) and mapped to TAEHV's [0, 1] inside.
     """
+
+    stack = "encoder"  # names the state buffers ``encoder.<i>.memory``
 
     def __init__(
         self,
@@ -395,15 +406,6 @@ class TAEHVEncoder(StreamingDecoder):
             elif isinstance(layer, MemBlock):
                 out.append((i, layer, scale))
         return out
-
-    def _allocate_buffers(self, batch_size, latent_height, latent_width, device, dtype) -> None:
-        for _, blk, scale in self.mem_blocks():
-            blk.memory = torch.zeros(
-                batch_size, blk.n_in, latent_height * scale, latent_width * scale, device=device, dtype=dtype
-            )
-
-    def state_buffers(self) -> dict[str, torch.Tensor]:
-        return {f"encoder.{i}.memory": b.memory for i, b, _ in self.mem_blocks() if b.memory is not None}
 
     def _ensure_state(self, frames: torch.Tensor) -> None:
         b, h, w = frames.shape[0], frames.shape[-2] // 8, frames.shape[-1] // 8

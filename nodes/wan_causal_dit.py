@@ -411,14 +411,9 @@ class WanCausalDiT(Node):
         qkv = compile(WanBlock.qkv)
         finish = compile(WanBlock.finish)
 
-        def route(compiled, plain, blk):
-            def call(*args, **kw):
-                return (compiled if self._regional else plain)(blk, *args, **kw)
-            return call
-
         for blk in self.model.blocks:
-            blk.qkv = route(qkv, WanBlock.qkv, blk)
-            blk.finish = route(finish, WanBlock.finish, blk)
+            blk.qkv = _Routed(self, blk, qkv, WanBlock.qkv)
+            blk.finish = _Routed(self, blk, finish, WanBlock.finish)
         self.gen.recache_scope = self._plain
         self.gen_input.recache_scope = self._plain
         self._regions_ready = True
@@ -432,6 +427,18 @@ class WanCausalDiT(Node):
             yield
         finally:
             self._regional = regional
+
+
+class _Routed:
+    """A layer's piece: the compiled function while the node runs its regional path, else the plain method. An
+    object rather than a closure, so a copy of the node (a warm-up copy: reactor_graph/tiers.py) routes through
+    its own flag and layers while sharing the compiled function."""
+
+    def __init__(self, owner, blk, compiled, plain):
+        self.owner, self.blk, self.compiled, self.plain = owner, blk, compiled, plain
+
+    def __call__(self, *args, **kw):
+        return (self.compiled if self.owner._regional else self.plain)(self.blk, *args, **kw)
 
 
 @functools.lru_cache(maxsize=8)

@@ -64,7 +64,8 @@ class Capture:
     Life cycle: warm (compiled, settled) -> captured (cudagraph) -> replayed."""
 
     key: tuple
-    fn: Callable
+    fn: Callable  # compiled Segment.__call__: fn(segment, inputs); one Dynamo cache for any segment of this key
+    segment: Segment | None = None  # over the live nodes: what replays and serving run
     state: str = "new"  # new | warm | captured
     compiles: int = 0  # backend invocations; one more after warm-up is a recompile
     graph: Any = None
@@ -72,6 +73,9 @@ class Capture:
     static_out: dict[Source, Any] = field(default_factory=dict)
     copied: dict[Source, int | None] = field(default_factory=dict)  # version last copied into each input
     marks: list[tuple] = field(default_factory=list)  # a probe's marks recorded inside the graph (cudagraph)
+
+    def run(self, inputs: dict[Source, Any]) -> dict[Source, Any]:
+        return self.fn(self.segment, inputs)
 
 
 def _describe(t: Any) -> str:
@@ -106,6 +110,7 @@ class CompiledHotPath:
         self.replays = 0
         self.times: dict[str, float] = {"compile_s": 0.0, "capture_s": 0.0}
         self.pool = torch.cuda.graph_pool_handle() if mode == "cudagraph" else None
+        self._regions: dict[Callable, Callable] = {}
         self.compile_regions()
 
     # read-only views of the records, per phase key
@@ -124,7 +129,7 @@ class CompiledHotPath:
     def _torch_compile(self, fn: Callable, counted: Callable[[], None]) -> Callable:
         return compile_function(fn, self.backend, counted)
 
-    def _compile(self, record: Capture, seg: Segment) -> Callable:
+    def _compile(self, record: Capture) -> Callable:
         def counted():
             record.compiles += 1
             if record.state != "new":  # past warm-up: this is a recompile
@@ -132,17 +137,27 @@ class CompiledHotPath:
                 log.warning("recompile of the hot path in phase %s (graph %d); inputs changed shape or type",
                             record.key, record.compiles)
 
-        return self._torch_compile(seg, counted)
+        return self._torch_compile(Segment.__call__, counted)
 
-    def compile_regions(self) -> None:
-        """Each hot node's repeated pieces (Node.compile_regions), through the same compile function."""
-        for name in self.hot.order:
-            node = self.hot.nodes[name]
+    def compile_regions(self, hot: HotPath | None = None) -> None:
+        """Each hot node's repeated pieces (Node.compile_regions), through the same compile function. One
+        compiled function per region function, whichever node asks (a warm-up copy and the live node share
+        its cache: see tiers.py). Uncompiled (backend "none") nodes keep their plain pieces."""
+        if self.backend == "none":
+            return
+        hot = hot or self.hot
+        for name in hot.order:
+            node = hot.nodes[name]
 
             def counted(node=node):
                 node.region_compiles += 1
 
-            node.compile_regions(lambda fn, counted=counted: self._torch_compile(fn, counted))
+            def compile_region(fn, counted=counted):
+                if fn not in self._regions:
+                    self._regions[fn] = self._torch_compile(fn, counted)
+                return self._regions[fn]
+
+            node.compile_regions(compile_region)
 
     def key_of(self, phases: dict[str, int]) -> tuple:
         return tuple(phases.get(n, 0) for n in self.captured)
@@ -173,51 +188,75 @@ class CompiledHotPath:
             if key not in self.captures:
                 self.prepare(key, phases, self.segment_inputs(self.run_prologue(external(), phases)))
 
-    def prepare(self, key: tuple, phases: dict[str, int], inputs: dict[Source, Any]) -> Capture:
-        """Warm-up, then (cudagraph) capture, for one phase key."""
+    def record_for(self, key: tuple, phases: dict[str, int]) -> Capture:
         record = self.captures.get(key)
         if record is None:
-            record = Capture(key, fn=None)
-            record.fn = self._compile(record, Segment(self.hot, self.captured, phases, self.probe))
+            record = Capture(key, fn=None, segment=Segment(self.hot, self.captured, phases, self.probe))
+            record.fn = self._compile(record)
             self.captures[key] = record
-        t0 = time.perf_counter()
+        return record
+
+    def static_inputs(self, inputs: dict[Source, Any]) -> dict[Source, Any]:
+        """A capture's input buffers: prologue outputs that live in fixed buffers (noise) are used in place
+        (no copy per block); the rest are copies the replay refreshes."""
+        return {s: v if s.node in self.prologue or not isinstance(v, torch.Tensor) else v.clone()
+                for s, v in inputs.items()}
+
+    def prepare(self, key: tuple, phases: dict[str, int], inputs: dict[Source, Any]) -> Capture:
+        """Warm-up, then (cudagraph) capture, for one phase key."""
+        record = self.record_for(key, phases)
         held = self.probe.take() if self.probe else None  # warm-up and capture are no block's marks
         try:
-            return self._prepare(record, inputs, t0)
+            static = inputs if self.mode == "compile" else self.static_inputs(inputs)
+            self.warm(record, record.segment, static)
+            if self.mode == "cudagraph":
+                self.capture(record, static)
+            return record
         finally:
             if self.probe:
                 self.probe.marks = held
 
-    def _prepare(self, record: Capture, inputs: dict[Source, Any], t0: float) -> Capture:
+    def warm(self, record: Capture, segment: Segment, inputs: dict[Source, Any]) -> None:
+        """Compile and settle `record` by running it on `segment` (the live nodes, or warm-up copies of them:
+        the compiled code is the same, see tiers.py)."""
+        t0 = time.perf_counter()
         if self.mode == "compile":
-            record.fn(inputs)  # first call compiles
-            self.times["compile_s"] += time.perf_counter() - t0
-            record.state = "warm"
-            return record
-        # Prologue outputs that live in fixed buffers (noise) are used in place: no copy per block.
-        static = {s: v if s.node in self.prologue or not isinstance(v, torch.Tensor) else v.clone()
-                  for s, v in inputs.items()}
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.WARMUP):
-                record.fn(static)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
+            record.fn(segment, inputs)  # first call compiles
+        else:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(self.WARMUP):
+                    record.fn(segment, inputs)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            side.synchronize()
         record.state = "warm"
         self.times["compile_s"] += time.perf_counter() - t0
+
+    def capture(self, record: Capture, static: dict[Source, Any], background: bool = False) -> None:
+        """Capture `record` over the live nodes and `static` input buffers (recording runs nothing on the
+        device, so node state is not touched). `background`: another thread keeps launching work meanwhile,
+        so only this thread's unsafe CUDA calls are refused during the capture."""
         t1 = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         if self.probe:
             self.probe.take()  # warm-up's marks
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = record.fn(static)
-        torch.cuda.synchronize(self.device)
+        compiles = record.compiles
+        stream = torch.cuda.Stream(self.device) if background else None
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream,
+                              capture_error_mode="thread_local" if background else "global"):
+            out = record.run(static)
+        if stream is not None:
+            stream.synchronize()
+        else:
+            torch.cuda.synchronize(self.device)
+        if record.compiles != compiles:
+            raise CaptureError(f"phase {record.key} compiled again while it was captured; the hot path's guards "
+                               f"do not hold between warm-up and capture")
         if self.probe:
             record.marks = self.probe.take()  # event-record nodes of the graph: replayed with it
         self.times["capture_s"] += time.perf_counter() - t1
         record.graph, record.static_in, record.static_out, record.state = graph, static, out, "captured"
-        return record
 
     def check(self, record: Capture, inputs: dict[Source, Any]) -> None:
         """Replay's guard: every input as it was captured, or an error naming both sides."""
@@ -255,7 +294,7 @@ class CompiledHotPath:
             if self.mode == "compile":
                 if record is None:
                     record = self.prepare(key, phases, inputs)
-                out = record.fn(inputs)
+                out = record.run(inputs)
             else:
                 if record is None or record.state != "captured":
                     raise CaptureError(f"phase {key} was not captured at start-up (captured: "

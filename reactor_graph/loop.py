@@ -26,6 +26,7 @@ from .host import HostFeatures
 from .hot_path import HotPath, Probe, run_node
 from .plan import Plan, Source, Wiring
 from .session_thread import SessionThread
+from .tiers import TieredHotPath, build_compiled_tier
 from .slots import RESET, CommandQueue, Pending, SlotStore
 
 log = logging.getLogger("reactor_graph")
@@ -59,7 +60,7 @@ class Stats:
 
 class Engine(HostFeatures):
     def __init__(self, plan: Plan, device: str | None = None, dtype: str | None = None, compile: str | None = None,
-                 compile_backend: str = "inductor"):
+                 compile_backend: str = "inductor", start: str = "full"):
         spec = plan.spec.spec
         self.plan = plan
         self.device = resolve_device(device or spec.device)
@@ -69,6 +70,11 @@ class Engine(HostFeatures):
         self.mode = compile or ("eager" if self.device.type == "cpu" else spec.compile)
         self.mode_note = ""
         self.compile_backend = compile_backend  # tests use "aot_eager": same guards and graphs, no C++ build
+        if start not in ("full", "tiered"):
+            raise SessionError(f"unknown start '{start}'; choose full or tiered")
+        # full: compile (and capture) before the first block. tiered: serve at once from a quick tier and switch
+        # to the compiled one when a background build is ready (tiers.py); `run` uses it on a GPU.
+        self.start = start
         self.wiring: Wiring = plan.wiring  # this session's: the plan's, or what swaps made of it
         self.commands = CommandQueue(plan.commands)
         self.slots = SlotStore(plan.slots)
@@ -162,6 +168,11 @@ class Engine(HostFeatures):
                         "'eager'", self.device)
             self.mode_note = f"cudagraph needs a CUDA GPU; fell back to eager on {self.device}"
             self.mode = "eager"
+        if isinstance(self.executor, TieredHotPath):
+            self.executor.cancel()  # built for a wiring or probe state that is going away
+        if self.start == "tiered" and self.mode != "eager" and self.probe is None:
+            self.executor = self._prepare_tiered(say)
+            return self.executor
         ex = build_executor(self.hot, self.mode, self.device, self.compile_backend, probe=self.probe)
         if isinstance(ex, CompiledHotPath):
             verb = "capturing" if self.mode == "cudagraph" else "compiling"
@@ -175,6 +186,36 @@ class Engine(HostFeatures):
             self.reset_nodes()
         self.executor = ex
         return ex
+
+    def _prepare_tiered(self, say: Callable[[str], None]) -> TieredHotPath:
+        """The quick tier now (cudagraph: eager code captured, phase by phase; compile: eager), the compiled tier
+        in the background (tiers.py)."""
+        quick: Callable = self.hot
+        name = "eager"
+        keys = self.phase_keys()
+        self.reset_nodes()
+        with torch.inference_mode():
+            self.run_on_change()
+            if self.mode == "cudagraph":
+                quick, name = build_executor(self.hot, "cudagraph", self.device, "none"), "eager-captured"
+                for i, key in enumerate(keys):
+                    say(f"capturing phase {key[0]} of the eager hot path ({i + 1}/{len(keys)})")
+                    quick.warm_up([key], self.external)
+            external = self.external()
+        self.reset_nodes()
+        hot, mode, device, backend = self.hot, self.mode, self.device, self.compile_backend
+        tier = TieredHotPath(quick, name, lambda t: build_compiled_tier(t, hot, mode, device, backend, keys,
+                                                                        external, quick))
+        say(f"serving {name}; compiling the hot path in the background")
+        return tier.start()
+
+    def serving(self) -> dict:
+        """What runs the hot path now: {mode, serving (eager | eager-captured | compiled), progress, ...}."""
+        ex = self.executor
+        if isinstance(ex, TieredHotPath):
+            return {"mode": self.mode, **ex.status()}
+        return {"mode": self.mode, "serving": "eager" if self.mode == "eager" else "compiled", "progress": None,
+                "error": None}
 
     def use_wiring(self, wiring: Wiring, recapture: bool) -> None:
         """Run with `wiring` from the next block on: a new hot path over it, and a new executor when
@@ -196,7 +237,7 @@ class Engine(HostFeatures):
         self.probe = self.hot.probe = probe
         if executor is not None:
             self.executor = executor
-        elif isinstance(prev, CompiledHotPath):
+        elif isinstance(prev, (CompiledHotPath, TieredHotPath)):
             self.prepare_executor(progress)
         return prev
 

@@ -52,7 +52,7 @@ def test_recompile_is_counted_and_reported(tiny_engine, caplog):
     cond = next(s for s in inputs if s.node == "cond")
     inputs[cond] = torch.zeros(4, 16)
     with torch.inference_mode():
-        ex.captures[key].fn(inputs)
+        ex.captures[key].run(inputs)
     assert ex.recompiles == 1 and "recompile" in caplog.text
 
 

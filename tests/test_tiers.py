@@ -1,0 +1,179 @@
+"""Tiered start: serving begins on the quick tier, the compiled tier takes over at a block boundary with the
+same frames, and nothing compiles after the switch."""
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reactor_graph.tiers import TieredHotPath, warm_up_copies
+
+WAN_TINY = (Path(__file__).resolve().parents[1] / "graphs" / "wan_tiny.yaml").read_text()
+
+
+def run(engine, blocks, on_index=None):
+    out = []
+
+    def on_block(b):
+        out.append(b.video().astype(np.int16))
+        if on_index:
+            on_index(b.index)
+
+    res = engine.run_session(on_block, max_blocks=blocks)
+    assert res.ok, res.error
+    return out
+
+
+@pytest.fixture
+def gated_backend(monkeypatch):
+    """The background compile waits on `release` (so a test sees serving start before it is ready)."""
+    import reactor_graph.compile as compile_mod
+
+    release, real = threading.Event(), compile_mod.compile_function
+
+    def gated(fn, backend, counted=None):
+        def counted_after_release():
+            release.wait(60)
+            if counted:
+                counted()
+        return real(fn, backend, counted_after_release)
+
+    monkeypatch.setattr(compile_mod, "compile_function", gated)
+    return release
+
+
+def test_serving_starts_before_the_compiled_tier_and_switches_at_a_block_boundary(tiny_engine, gated_backend):
+    eager = run(tiny_engine(), 8, None)
+    engine = tiny_engine(compile="compile", compile_backend="eager", start="tiered")
+    tier = engine.executor
+    assert isinstance(tier, TieredHotPath)
+    assert engine.serving()["serving"] == "eager"  # load returned while nothing was compiled yet
+    served_before = []
+
+    def at(index):
+        if index == 2:  # three blocks streamed before the compiled tier exists; now let it finish
+            served_before.append(engine.serving()["serving"])
+            gated_backend.set()
+            assert tier.wait(120)
+
+    tiered = run(engine, 8, at)
+    assert served_before == ["eager"]
+    assert engine.serving()["serving"] == "compiled" and engine.serving()["error"] is None
+    assert tier.switched_block == 3  # the first block after it was ready: the switch is at a boundary
+    compiled = tier.compiled
+    at_switch = dict(compiled.compiles)
+    assert compiled.recompiles == 0 and at_switch
+    # the frames of the whole session, across the switch, are those of eager
+    for a, b in zip(eager, tiered):
+        assert np.abs(a - b).max() <= 1
+    # a second session runs on the compiled tier from its first block, and compiles nothing
+    assert all(np.abs(a - b).max() <= 1 for a, b in zip(eager, run(engine, 8)))
+    assert compiled.recompiles == 0 and compiled.compiles == at_switch
+
+
+def test_the_background_build_leaves_the_live_state_alone(tiny_engine):
+    """The compile's warm-up runs on copies: the live nodes' tensors are not written by it."""
+    engine = tiny_engine(compile="compile", compile_backend="eager", start="tiered")
+    live = engine.nodes["denoise"]
+    before = {k: v.clone() for k, v in vars(live).items() if isinstance(v, torch.Tensor)}
+    assert before  # the KV cache
+    assert engine.executor.wait(120)
+    for k, v in before.items():
+        assert torch.equal(getattr(live, k), v), k
+
+
+def test_warm_up_copies_share_weights_and_copy_state(tiny_engine):
+    engine = tiny_engine()
+    shadow = warm_up_copies(engine.hot)
+    live, copy = engine.nodes["denoise"], shadow.nodes["denoise"]
+    assert copy is not live
+    assert all(a is b for a, b in zip(live.model.parameters(), copy.model.parameters()))
+    assert copy.model is not live.model
+    state = [k for k, v in vars(live).items() if isinstance(v, torch.Tensor)]
+    assert state and all(getattr(copy, k).data_ptr() != getattr(live, k).data_ptr() for k in state)
+    assert set(shadow.order) == set(engine.hot.order) and shadow.bindings == engine.hot.bindings
+
+
+def test_a_failed_build_keeps_serving_the_quick_tier(tiny_engine, monkeypatch, caplog):
+    import reactor_graph.tiers as tiers
+
+    def broken(hot):
+        raise RuntimeError("cannot copy this node")
+
+    monkeypatch.setattr(tiers, "warm_up_copies", broken)
+    engine = tiny_engine(compile="compile", compile_backend="eager", start="tiered")
+    assert not engine.executor.wait(60)
+    state = engine.serving()
+    assert state["serving"] == "eager" and "cannot copy this node" in state["error"]
+    assert "could not be built" in caplog.text
+    assert len(run(engine, 3)) == 3  # the stream goes on
+
+
+def test_a_probe_or_full_start_builds_no_tier(tiny_engine):
+    engine = tiny_engine(compile="compile", compile_backend="eager")
+    assert not isinstance(engine.executor, TieredHotPath)
+    assert engine.serving() == {"mode": "compile", "serving": "compiled", "progress": None, "error": None}
+
+
+def _gpu_session_across_the_switch(engine, blocks=8, wait_at=2):
+    """A session on a tiered GPU engine that waits at `wait_at` for the compiled tier: every block arrives, in
+    order, and the switch is the block after."""
+    tier, got = engine.executor, []
+
+    def on_block(b):
+        got.append((b.index, b.video().astype(np.int16)))
+        if b.index == wait_at:
+            assert tier.wait(300), tier.error
+
+    res = engine.run_session(on_block, max_blocks=blocks)
+    assert res.ok, res.error
+    assert [i for i, _ in got] == list(range(blocks))  # no block dropped or repeated across the switch
+    assert tier.serving == "compiled" and tier.switched_block == wait_at + 1
+    assert tier.compiled.recompiles == 0
+    return [f for _, f in got]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_tier_replaces_the_captured_eager_tier_on_gpu(tiny_engine):
+    eager = run(tiny_engine(device="cuda", dtype="float32", compile="eager"), 8)
+    engine = tiny_engine(device="cuda", dtype="float32", compile="cudagraph", start="tiered")
+    assert engine.serving()["serving"] == "eager-captured"
+    tiered = _gpu_session_across_the_switch(engine)
+    for a, b in zip(eager, tiered, strict=True):
+        assert np.abs(a - b).max() <= 2
+    graphs = dict(engine.executor.compiled.graphs)
+    again = run(engine, 8)  # the next session replays the compiled graphs only
+    assert {k: id(g) for k, g in engine.executor.compiled.graphs.items()} == {k: id(g) for k, g in graphs.items()}
+    assert all(np.abs(a - b).max() <= 2 for a, b in zip(eager, again))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tiered_wan_dit_switches_with_its_regions_compiled_once_on_gpu(write_graph):
+    from reactor_graph.loop import Engine
+    from reactor_graph.plan import load_plan
+    path = write_graph(WAN_TINY)
+    eager = run(Engine(load_plan(path), device="cuda", dtype="float32", compile="eager").load(), 6)
+    engine = Engine(load_plan(path), device="cuda", dtype="float32", compile="cudagraph", start="tiered").load()
+    tiered = _gpu_session_across_the_switch(engine, blocks=6)
+    assert engine.nodes["dit"].region_compiles == 2  # qkv and finish, shared by the live node and its copy
+    for a, b in zip(eager, tiered, strict=True):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 4 and np.abs(a - b).mean() < 0.5
+
+
+@pytest.mark.slow  # compiles the tiny DiT's regions and whole hot path
+def test_tiered_wan_dit_compile_mode_equals_eager(write_graph):
+    from reactor_graph.loop import Engine
+    from reactor_graph.plan import load_plan
+    path = write_graph(WAN_TINY)
+    eager = run(Engine(load_plan(path), device="cpu").load(), 4)
+    engine = Engine(load_plan(path), device="cpu", compile="compile", compile_backend="aot_eager",
+                    start="tiered").load()
+    assert engine.executor.wait(600), engine.executor.error
+    assert engine.nodes["dit"].region_compiles == 2
+    tiered = run(engine, 4)
+    assert engine.executor.switched_block == 0 and engine.executor.recompiles == 0
+    for a, b in zip(eager, tiered, strict=True):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1

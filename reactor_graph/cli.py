@@ -114,7 +114,7 @@ RANDOM_WEIGHTS = typer.Option(False, "--random-weights", help="ignore every node
                                                               "weights (timing the real architecture)")
 
 
-def _open(graph: str, device, dtype, compile, random_weights: bool = False, weights_dir=None):
+def _open(graph: str, device, dtype, compile, random_weights: bool = False, weights_dir=None, start: str = "full"):
     """A graph's Engine, or for a Reactor manifest.json a ModelHost (the same surface for run/render)."""
     from .loop import Engine
 
@@ -128,7 +128,7 @@ def _open(graph: str, device, dtype, compile, random_weights: bool = False, weig
         return host
     plan = _plan(graph, random_weights)
     with console.status("loading") as status:
-        engine = Engine(plan, device=device, dtype=dtype, compile=compile)
+        engine = Engine(plan, device=device, dtype=dtype, compile=compile, start=start)
         engine.load(progress=_progress(status))
     return engine
 
@@ -459,6 +459,9 @@ def run(graph: Optional[str] = GRAPH_ARG,
         trace: Optional[Path] = typer.Option(None, "--trace", help="time every node of the stream and write a "
                                              "Chrome/Perfetto trace of the last blocks served at shutdown"),
         trace_blocks: int = typer.Option(500, min=1, help="blocks the --trace file keeps (the last ones)"),
+        start: str = typer.Option("tiered", help="tiered: stream at once from the eager code (CUDA graphs of it "
+                                  "in cudagraph mode) and switch to the compiled hot path when it is built in the "
+                                  "background | full: compile everything before the first frame"),
         random_weights: bool = RANDOM_WEIGHTS, weights_dir: Optional[list[Path]] = WEIGHTS_DIR):
     """Serve a graph (or a Reactor manifest.json): a web page, the Reactor JS SDK local protocol, metrics.
 
@@ -470,6 +473,8 @@ def run(graph: Optional[str] = GRAPH_ARG,
 
         if policy not in ("lossless", "latest"):
             raise CommandError("run", f"unknown policy '{policy}'; choose lossless or latest", "policy")
+        if start not in ("tiered", "full"):
+            raise CommandError("run", f"unknown start '{start}'; choose tiered or full", "start")
         access = AccessPolicy(bind=host, allow_origins=list(allow_origin), token=token or None)
         if not is_loopback_host(host) and not token:
             console.print(f"[bold yellow]warning:[/] serving on {host} without a token: anyone who can reach "
@@ -487,7 +492,8 @@ def run(graph: Optional[str] = GRAPH_ARG,
                                         max_session_seconds=max_session_seconds, block_timeout=block_timeout,
                                         advertise_address=advertise_address))
             return
-        engine = _open(graph or str(demo_path()), device, dtype, compile, random_weights, weights_dir=weights_dir)
+        engine = _open(graph or str(demo_path()), device, dtype, compile, random_weights, weights_dir=weights_dir,
+                       start="full" if trace is not None else start)  # a trace times the compiled path only
         probe = _start_trace(engine, trace, trace_blocks) if trace is not None else None
         code = serve(engine, host=host, port=port, max_seconds=max_seconds, policy=policy,
                      queue_frames=queue_frames, access=access, max_session_seconds=max_session_seconds,

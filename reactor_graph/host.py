@@ -68,3 +68,7 @@ class HostFeatures:
 
     def block_progress(self) -> tuple[float | None, str | None]:
         return None, None
+
+    def serving(self) -> dict | None:
+        """What runs the hot path now ({mode, serving, progress, error}: a tiered start's tier), or None."""
+        return None

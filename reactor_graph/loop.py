@@ -26,6 +26,7 @@ from .host import HostFeatures
 from .hot_path import HotPath, Probe, run_node
 from .plan import Plan, Source, Wiring
 from .session_thread import SessionThread
+from .compile_cache import CompileCache
 from .tiers import TieredHotPath, build_compiled_tier
 from .slots import RESET, CommandQueue, Pending, SlotStore
 
@@ -75,6 +76,7 @@ class Engine(HostFeatures):
         # full: compile (and capture) before the first block. tiered: serve at once from a quick tier and switch
         # to the compiled one when a background build is ready (tiers.py); `run` uses it on a GPU.
         self.start = start
+        self.compile_cache: CompileCache | None = None  # compile_cache.py; loaded before the first compile
         self.wiring: Wiring = plan.wiring  # this session's: the plan's, or what swaps made of it
         self.commands = CommandQueue(plan.commands)
         self.slots = SlotStore(plan.slots)
@@ -170,6 +172,9 @@ class Engine(HostFeatures):
             self.mode = "eager"
         if isinstance(self.executor, TieredHotPath):
             self.executor.cancel()  # built for a wiring or probe state that is going away
+        if self.mode != "eager" and self.compile_cache is None:
+            self.compile_cache = CompileCache(self.plan, self.device, self.mode)
+            self.compile_cache.load()
         if self.start == "tiered" and self.mode != "eager" and self.probe is None:
             self.executor = self._prepare_tiered(say)
             return self.executor
@@ -184,6 +189,8 @@ class Engine(HostFeatures):
                     say(f"{verb} phase {key[0]} of the hot path ({i + 1}/{len(keys)})")
                     ex.warm_up([key], self.external)
             self.reset_nodes()
+            if self.backend_caches:
+                self.compile_cache.save()
         self.executor = ex
         return ex
 
@@ -204,10 +211,22 @@ class Engine(HostFeatures):
             external = self.external()
         self.reset_nodes()
         hot, mode, device, backend = self.hot, self.mode, self.device, self.compile_backend
-        tier = TieredHotPath(quick, name, lambda t: build_compiled_tier(t, hot, mode, device, backend, keys,
-                                                                        external, quick))
+        cache = self.compile_cache if self.backend_caches else None
+
+        def build(tier: TieredHotPath):
+            built = build_compiled_tier(tier, hot, mode, device, backend, keys, external, quick)
+            if cache is not None:
+                cache.save()
+            return built
+
+        tier = TieredHotPath(quick, name, build)
         say(f"serving {name}; compiling the hot path in the background")
         return tier.start()
+
+    @property
+    def backend_caches(self) -> bool:
+        """Whether the compile backend makes artifacts worth saving (inductor; not the tests' aot_eager)."""
+        return self.compile_backend == "inductor" and self.compile_cache is not None
 
     def serving(self) -> dict:
         """What runs the hot path now: {mode, serving (eager | eager-captured | compiled), progress, ...}."""

@@ -2,6 +2,10 @@ import os
 import textwrap
 
 os.environ["COLUMNS"] = "200"  # rich wraps at the terminal width; keep messages on one line
+if "REACTOR_GRAPH_CACHE_DIR" not in os.environ:  # compile caches of the tests stay out of the user's home
+    import tempfile
+
+    os.environ["REACTOR_GRAPH_CACHE_DIR"] = tempfile.mkdtemp(prefix="rg-compile-cache-")
 
 import threading
 import time

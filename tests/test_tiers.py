@@ -177,3 +177,47 @@ def test_tiered_wan_dit_compile_mode_equals_eager(write_graph):
     assert engine.executor.switched_block == 0 and engine.executor.recompiles == 0
     for a, b in zip(eager, tiered, strict=True):
         assert a.shape == b.shape and np.abs(a - b).max() <= 1
+
+
+def test_compile_cache_of_another_build_is_ignored_with_the_reason(tiny_engine, tiny_yaml, tmp_path, caplog,
+                                                                  monkeypatch):
+    import json
+    import logging
+
+    from reactor_graph.compile_cache import CompileCache
+
+    monkeypatch.setenv("REACTOR_GRAPH_CACHE_DIR", str(tmp_path))
+    engine = tiny_engine()
+    cache = CompileCache(engine.plan, engine.device, "compile")
+    other = {**cache.meta, "torch": "0.0.1"}
+    (tmp_path / f"{cache.path.stem.rsplit('-', 1)[0]}-0123456789abcdef.json").write_text(json.dumps(other))
+    (tmp_path / f"{cache.path.stem.rsplit('-', 1)[0]}-0123456789abcdef.bin").write_bytes(b"not for this torch")
+    with caplog.at_level(logging.INFO, logger="reactor_graph"):
+        assert cache.load() is False
+    assert "ignored: made for torch '0.0.1'" in caplog.text and torch.__version__ in caplog.text
+    # another graph (params changed) gets another file
+    changed = tiny_engine(tiny_yaml.replace("steps: 2,", "steps: 3,"))
+    assert CompileCache(changed.plan, changed.device, "compile").path != cache.path
+
+
+def test_compile_cache_round_trip(tiny_engine, tmp_path, monkeypatch, caplog):
+    """What save wrote, load reads back for the same graph and build (a damaged file is ignored, not fatal)."""
+    import logging
+
+    import reactor_graph.compile_cache as cc
+
+    monkeypatch.setenv("REACTOR_GRAPH_CACHE_DIR", str(tmp_path))
+    seen = []
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"artifacts", None))
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: seen.append(data))
+    engine = tiny_engine()
+    assert cc.CompileCache(engine.plan, engine.device, "compile").save() is not None
+    assert cc.CompileCache(engine.plan, engine.device, "compile").load() and seen == [b"artifacts"]
+
+    def broken(data):
+        raise ValueError("truncated")
+
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", broken)
+    with caplog.at_level(logging.INFO, logger="reactor_graph"):
+        assert not cc.CompileCache(engine.plan, engine.device, "compile").load()
+    assert "could not be read (truncated)" in caplog.text

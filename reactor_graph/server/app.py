@@ -267,6 +267,7 @@ class Server:
             "version": getattr(self.host, "version", None), "runtime": getattr(self.host, "runtime", None),
             "busy": bool(self.host.busy), "in_session": m.active is not None, "queue": len(m.waiting),
             "clients": len(m.clients), "fps": float(self.host.fps), "policy": self.settings.policy,
+            "serving": self.host.serving() if hasattr(self.host, "serving") else None,
         })
 
     async def prometheus(self, request: web.Request) -> web.Response:

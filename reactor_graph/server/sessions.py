@@ -419,6 +419,9 @@ class SessionManager:
         out = {"model": self.host.name, "target_fps": float(self.host.fps), "policy": self.settings.policy,
                "block_ms": round(self.metrics.last_block_s * 1000, 2), "blocks": self.host.stats.blocks,
                "waiting": len(self.waiting), "queue_capacity": self.settings.queue_frames}
+        serving = self.host.serving() if hasattr(self.host, "serving") else None
+        if serving:
+            out["serving"] = serving  # eager-captured while the compiled hot path builds, then compiled
         inputs = self.media.stats()
         if inputs:
             out["inputs"] = inputs  # per video slot: camera or default, frames received/used, latency

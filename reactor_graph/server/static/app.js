@@ -169,6 +169,8 @@ function showStats(s) {
   $("stat-sent").textContent = s.sent ?? "–";
   $("stat-loss").textContent = s.repeats !== undefined ? `${s.repeats} / ${s.drops}` : "–";
   $("stat-policy").textContent = s.policy ?? "–";
+  const sv = s.serving;
+  $("stat-serving").textContent = sv ? `${sv.serving}${sv.serving !== "compiled" && sv.progress ? ` (${sv.progress})` : ""}` : "–";
   const inputs = Object.entries(s.inputs || {});
   $("stat-inputs").textContent = inputs.length ? inputs.map(([n, i]) =>
     `${n}: ${i.state}${i.latency_ms_p50 != null ? ` (${i.latency_ms_p50} ms)` : ""}`).join(", ") : "–";

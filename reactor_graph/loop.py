@@ -77,6 +77,7 @@ class Engine(HostFeatures):
         # to the compiled one when a background build is ready (tiers.py); `run` uses it on a GPU.
         self.start = start
         self.compile_cache: CompileCache | None = None  # compile_cache.py; loaded before the first compile
+        self._tiers: dict[tuple, TieredHotPath] = {}  # tiered start: per set of hot nodes
         self.wiring: Wiring = plan.wiring  # this session's: the plan's, or what swaps made of it
         self.commands = CommandQueue(plan.commands)
         self.slots = SlotStore(plan.slots)
@@ -170,14 +171,18 @@ class Engine(HostFeatures):
                         "'eager'", self.device)
             self.mode_note = f"cudagraph needs a CUDA GPU; fell back to eager on {self.device}"
             self.mode = "eager"
-        if isinstance(self.executor, TieredHotPath):
-            self.executor.cancel()  # built for a wiring or probe state that is going away
         if self.mode != "eager" and self.compile_cache is None:
             self.compile_cache = CompileCache(self.plan, self.device, self.mode)
             self.compile_cache.load()
         if self.start == "tiered" and self.mode != "eager" and self.probe is None:
-            self.executor = self._prepare_tiered(say)
-            return self.executor
+            # one tiered executor per set of hot nodes: swapping back (a session's end) finds its compiled
+            # tier (or its build still under way) instead of starting over
+            key = tuple(self.wiring.nodes[n] for n in self.plan.hot)
+            ex = self._tiers.get(key)
+            if ex is None or ex.error is not None:
+                ex = self._tiers[key] = self._prepare_tiered(say)
+            self.executor = ex
+            return ex
         ex = build_executor(self.hot, self.mode, self.device, self.compile_backend, probe=self.probe)
         if isinstance(ex, CompiledHotPath):
             verb = "capturing" if self.mode == "cudagraph" else "compiling"
@@ -253,6 +258,9 @@ class Engine(HostFeatures):
         built before for this probe state, over this hot path) is given. Returns the previous executor, so a
         caller can put the un-probed one back without compiling it again."""
         prev = self.executor
+        if isinstance(prev, TieredHotPath) and probe is not None:
+            prev.cancel()  # a probed executor is built in full; the un-probed one comes back through `executor`
+            self._tiers.clear()
         self.probe = self.hot.probe = probe
         if executor is not None:
             self.executor = executor

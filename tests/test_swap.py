@@ -104,3 +104,19 @@ def test_swap_to_a_node_loaded_on_demand(tiny_engine):
     assert engine.nodes["cond"] is engine.plan.nodes["cond"]  # the swap ended with the session
     with pytest.raises(SessionError, match="has no input 'nope'"):
         engine.request_swap("cond", "broken", spec={"type": "test_const_cond", "in": {"nope": "$slots.prompt"}})
+
+
+def test_tiered_hot_path_swap_serves_at_once_and_swapping_back_reuses_the_compiled_tier(tiny_engine):
+    """With a tiered start a hot-path swap waits for no compile (the new node serves eagerly while its compiled
+    tier builds), and the session's end swaps back to the executor already built for the declared nodes."""
+    engine = engine_for(tiny_engine, compile="compile", compile_backend="aot_eager", start="tiered")
+    declared = engine.executor
+    assert declared.wait(120)
+    replies = []
+    frames = run(engine, 4, {1: lambda: engine.submit("flip", reply=replies.append)})
+    assert replies[0]["ok"] and replies[0]["recaptured"] and frames[2] != frames[1]
+    swapped = [t for t in engine._tiers.values() if t is not declared]
+    assert len(swapped) == 1 and swapped[0].quick is not None or swapped[0].serving == "compiled"
+    assert engine.executor is declared and declared.serving == "compiled"  # back, compiled, nothing rebuilt
+    swapped[0].wait(120)
+    assert run(engine, 2, {}) and declared.compiled.recompiles == 0

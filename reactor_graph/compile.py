@@ -228,8 +228,7 @@ class CompiledHotPath:
             with torch.cuda.stream(side):
                 for _ in range(self.WARMUP):
                     record.fn(segment, inputs)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            side.synchronize()
+            side.synchronize()  # not the current stream's wait: in the background that would stall the stream
         record.state = "warm"
         self.times["compile_s"] += time.perf_counter() - t0
 

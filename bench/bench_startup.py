@@ -31,13 +31,21 @@ from pathlib import Path
 
 def child(args) -> None:
     spawn = float(os.environ["RG_SPAWN_T"])
+    import logging
+
     import torch  # noqa: F401
 
     from reactor_graph.loop import Engine
-    from reactor_graph.plan import load_plan
+    from reactor_graph.plan import build_plan
+    from reactor_graph.spec import load_spec
+    from reactor_graph.weights import use_random_weights
 
     t_import = time.time() - spawn
-    engine = Engine(load_plan(args.graph), start=args.start, compile=args.compile).load()
+    logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(message)s")
+    ls = load_spec(args.graph)
+    if args.random_weights:
+        use_random_weights(ls)
+    engine = Engine(build_plan(ls), start=args.start, compile=args.compile).load()
     t_loaded = time.time() - spawn
     rec: dict = {"start": args.start, "graph": args.graph, "mode": engine.mode, "import_s": t_import,
                  "loaded_s": t_loaded}
@@ -79,7 +87,8 @@ def child(args) -> None:
         elif "compiled_from" in rec and i >= rec["compiled_from"] + args.blocks + (45 if args.swap else 0):
             stop.set()
 
-    engine.run_session(on_block, before_block=before)
+    res = engine.run_session(on_block, before_block=before)
+    rec["session"] = {"reason": res.reason, "error": res.error}
     if tier is not None:
         rec["tier"] = tier.status()
     after = [b["ms"] for b in blocks if "compiled_from" in rec and b["i"] >= rec["compiled_from"] + 5
@@ -95,6 +104,8 @@ def child(args) -> None:
                          "stall_ms": next((b["ms"] - base for b in blocks if b["i"] == x), None)}
                         for r, x in zip(swap_at.get("replies", []), swap_at["land"])]
     print("RESULT " + json.dumps(rec), flush=True)
+    sys.stderr.flush()
+    os._exit(0)  # a compile still under way in the background must not hold (or abort) the exit
 
 
 def caches(root: Path, name: str, reuse: str | None = None, keep_rg: str | None = None) -> dict[str, str]:
@@ -110,20 +121,23 @@ def caches(root: Path, name: str, reuse: str | None = None, keep_rg: str | None 
 def scenario(args, name: str, env_dirs: dict, start: str, graph: str, extra: list[str]) -> dict:
     env = {**os.environ, **env_dirs, "RG_SPAWN_T": repr(time.time())}
     cmd = [sys.executable, __file__, "child", "--graph", graph, "--start", start, "--compile", args.compile,
-           "--blocks", str(args.blocks), "--max-seconds", str(args.child_seconds), *extra]
+           "--blocks", str(args.blocks), "--max-seconds", str(args.child_seconds), *extra,
+           *(["--random-weights"] if args.random_weights else [])]
     t0 = time.time()
     env["RG_SPAWN_T"] = repr(t0)
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.child_seconds + 120)
     wall = time.time() - t0
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     rec = json.loads(line[7:]) if line else {"error": (p.stderr or p.stdout)[-2000:]}
-    rec.update(scenario=name, process_s=wall, rc=p.returncode)
+    rec.update(scenario=name, process_s=wall, rc=p.returncode, log_tail=p.stderr[-3000:])
     first = rec.get("first_frame_s")
     print(f"{name:15s} first frame {first if first is None else round(first, 1)} s, compiled from "
           f"{rec.get('compiled_s') and round(rec['compiled_s'], 1)} s, steady {rec.get('steady_block_ms') and round(rec['steady_block_ms'], 3)} ms"
           f", process {wall:.1f} s", flush=True)
     if "error" in rec:
         print(rec["error"][-800:], flush=True)
+    if rec.get("session", {}).get("error") or (rec.get("tier") or {}).get("error"):
+        print("  session:", rec["session"], "tier:", rec.get("tier"), flush=True)
     return rec
 
 
@@ -138,6 +152,7 @@ def main() -> None:
     c.add_argument("--max-seconds", type=float, default=400)
     c.add_argument("--stop-early", action="store_true", help="stop after --blocks without waiting for compile")
     c.add_argument("--swap", default=None, help="TARGET:ALTERNATIVE, once the compiled tier serves")
+    c.add_argument("--random-weights", action="store_true")
     ap.add_argument("--graph", default="graphs/demo.yaml")
     ap.add_argument("--swap-graph", default=None)
     ap.add_argument("--swap", default="decode:decode_other")
@@ -147,6 +162,7 @@ def main() -> None:
     ap.add_argument("--scenarios", default="full_fresh,tiered_fresh,full_restart,tiered_restart,tiered_wiped,swap")
     ap.add_argument("--root", default=None, help="cache folders (default: a temporary folder)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--random-weights", action="store_true", help="(children) random weights for every node")
     args = ap.parse_args()
     if args.cmd == "child":
         return child(args)

@@ -90,6 +90,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from reactor_graph.node import Node, Port, register
+from reactor_graph.untraced import not_traced
 from reactor_graph.weights import RANDOM, resolve, resolve_weights, use_random_weights  # noqa: F401 - re-exported
 
 log = logging.getLogger("reactor_graph")
@@ -379,7 +380,7 @@ class WanCausalDiT(Node):
                                               recache=recache, start=input[None])
         return self.out[0]
 
-    @torch.compiler.disable
+    @not_traced
     def _generate_regional(self, cond, noise, phase: int, input=None) -> torch.Tensor:
         """The block with the layers' repeated pieces compiled (see the module docstring)."""
         if not self._regions_ready:  # traced outside an engine executor (a profile script)

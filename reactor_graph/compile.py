@@ -23,6 +23,7 @@ import torch
 from .errors import CaptureError, NodeError
 from .hot_path import HotPath, Probe, run_node
 from .plan import Source
+from .untraced import not_traced
 
 MODES = ("eager", "compile", "cudagraph")
 log = logging.getLogger("reactor_graph")
@@ -34,6 +35,8 @@ def compile_function(fn: Callable, backend: str, counted: Callable[[], None] | N
     if backend == "none":
         return fn
     from torch._dynamo.backends.registry import lookup_backend
+
+    not_traced.apply()
 
     inner = lookup_backend(backend)
 
@@ -232,23 +235,17 @@ class CompiledHotPath:
         record.state = "warm"
         self.times["compile_s"] += time.perf_counter() - t0
 
-    def capture(self, record: Capture, static: dict[Source, Any], background: bool = False) -> None:
+    def capture(self, record: Capture, static: dict[Source, Any]) -> None:
         """Capture `record` over the live nodes and `static` input buffers (recording runs nothing on the
-        device, so node state is not touched). `background`: another thread keeps launching work meanwhile,
-        so only this thread's unsafe CUDA calls are refused during the capture."""
+        device, so node state is not touched)."""
         t1 = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         if self.probe:
             self.probe.take()  # warm-up's marks
         compiles = record.compiles
-        stream = torch.cuda.Stream(self.device) if background else None
-        with torch.cuda.graph(graph, pool=self.pool, stream=stream,
-                              capture_error_mode="thread_local" if background else "global"):
+        with torch.cuda.graph(graph, pool=self.pool):
             out = record.run(static)
-        if stream is not None:
-            stream.synchronize()
-        else:
-            torch.cuda.synchronize(self.device)
+        torch.cuda.synchronize(self.device)
         if record.compiles != compiles:
             raise CaptureError(f"phase {record.key} compiled again while it was captured; the hot path's guards "
                                f"do not hold between warm-up and capture")

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .errors import NodeError
+from .untraced import not_traced
 from .plan import Plan, Source, Wiring
 
 
@@ -37,7 +38,7 @@ class Probe:
         self._pending: list[tuple[int, list[tuple]]] = []
         self.commands: list[dict] = []  # each command applied: name, params, block, submitted, applied (host s)
 
-    @torch.compiler.disable
+    @not_traced
     def mark(self, name: str, kind: str, edge: str) -> None:
         event = None
         if self.cuda:

@@ -10,8 +10,9 @@ other tensor copied), so the live stream's state (KV caches, noise buffers) is n
 phase key has one compiled function (`Capture.fn`, compiled `Segment.__call__`) whose Dynamo cache serves any
 segment of the same structure: guards are on types, shapes and dtypes, not on which object, so the live nodes
 then run the code compiled on the copies without compiling again (counted: a compile there is an error, and the
-quick tier keeps serving). In cudagraph mode the background thread captures the compiled graphs over the live
-nodes and the quick tier's own input buffers; recording a graph runs nothing on the device.
+quick tier keeps serving). In cudagraph mode the compiled graphs are captured at the switch, on the stream's
+thread, over the live nodes and the quick tier's own input buffers (recording runs nothing on the device, so it
+costs milliseconds, and no capture ever overlaps the stream's CUDA calls).
 
 `TieredHotPath` is the executor the engine calls every block: at the first call after the build finished it
 switches tiers (a block boundary), and from then on only the compiled tier runs. If the build fails, the quick
@@ -87,6 +88,7 @@ class TieredHotPath:
         self.started = time.perf_counter()
         self.ready_s: float | None = None  # build time of the compiled tier
         self.switched_block: int | None = None  # the block index (of this executor's calls) it served from
+        self.switch_ms: float | None = None  # the switch's own stall (cudagraph: capturing the compiled graphs)
         self.calls = 0
         self.cancelled = threading.Event()
         self._built: CompiledHotPath | None = None
@@ -124,16 +126,29 @@ class TieredHotPath:
         self.cancelled.set()
 
     def _switch(self) -> None:
+        """At a block boundary, on the stream's thread. In cudagraph mode the compiled graphs are captured here,
+        over the live nodes and the quick tier's input buffers (recording runs nothing, so it takes
+        milliseconds per phase): a capture never overlaps the stream's own CUDA calls."""
         built, self._built = self._built, None
         quick = self.quick
-        if isinstance(quick, CompiledHotPath):  # the replay's "already copied" marks carry over with the buffers
-            for key, record in built.captures.items():
-                old = quick.captures.get(key)
-                if old is not None:
-                    record.copied = dict(old.copied)
+        t0 = time.perf_counter()
+        if isinstance(quick, CompiledHotPath):
+            try:
+                for key, record in built.captures.items():
+                    served = quick.captures[key]
+                    built.capture(record, served.static_in)
+                    record.copied = dict(served.copied)  # the replay's "already copied" marks go with the buffers
+            except Exception as exc:  # noqa: BLE001 - the quick tier keeps serving
+                self.error = f"{type(exc).__name__}: {exc}"
+                self.progress = f"capturing the compiled tier failed; serving {self.serving}"
+                log.error("the compiled hot path could not be captured (%s); the stream stays on %s", self.error,
+                          self.serving)
+                return
+        self.switch_ms = (time.perf_counter() - t0) * 1000
         self.current, self.compiled, self.quick = built, built, None
         self.serving, self.progress, self.switched_block = "compiled", "compiled", self.calls
-        log.info("now serving the compiled hot path (from block %d)", self.calls)
+        log.info("now serving the compiled hot path (from block %d; the switch took %.0f ms)", self.calls,
+                 self.switch_ms)
 
     def __call__(self, external: dict[Source, Any], phases: dict[str, int],
                  versions: dict[Source, int] | None = None) -> dict[str, Any]:
@@ -143,7 +158,7 @@ class TieredHotPath:
         return self.current(external, phases, versions)
 
     def status(self) -> dict:
-        return {"serving": self.serving, "progress": self.progress, "error": self.error,
+        return {"serving": self.serving, "progress": self.progress, "error": self.error, "switch_ms": self.switch_ms,
                 "compiled_ready_s": None if self.ready_s is None else round(self.ready_s, 2),
                 "compiling_s": round(time.perf_counter() - self.started, 1) if self.ready_s is None else None}
 
@@ -177,9 +192,6 @@ def build_compiled_tier(tier: TieredHotPath, hot: HotPath, mode: str, device: to
             inputs = twin.segment_inputs(twin.run_prologue(dict(external), phases))
             warm_in = inputs if mode == "compile" else twin.static_inputs(inputs)
             built.warm(record, Segment(shadow, built.captured, phases), warm_in)
-            if mode == "cudagraph":
-                served = quick.captures.get(key) if isinstance(quick, CompiledHotPath) else None
-                if served is None:
-                    raise CaptureError(f"phase {key} has no captured buffers in the serving tier")
-                built.capture(record, served.static_in, background=True)
+            if mode == "cudagraph" and not (isinstance(quick, CompiledHotPath) and key in quick.captures):
+                raise CaptureError(f"phase {key} has no captured buffers in the serving tier")
     return built

@@ -141,12 +141,13 @@ def test_compiled_tier_replaces_the_captured_eager_tier_on_gpu(tiny_engine):
     engine = tiny_engine(device="cuda", dtype="float32", compile="cudagraph", start="tiered")
     assert engine.serving()["serving"] == "eager-captured"
     tiered = _gpu_session_across_the_switch(engine)
-    for a, b in zip(eager, tiered, strict=True):
-        assert np.abs(a - b).max() <= 2
+    for a, b in zip(eager, tiered, strict=True):  # inductor's fused arithmetic: a few levels at most
+        assert np.abs(a - b).max() <= 4 and np.abs(a - b).mean() < 0.5
+    assert engine.executor.switch_ms is not None
     graphs = dict(engine.executor.compiled.graphs)
     again = run(engine, 8)  # the next session replays the compiled graphs only
     assert {k: id(g) for k, g in engine.executor.compiled.graphs.items()} == {k: id(g) for k, g in graphs.items()}
-    assert all(np.abs(a - b).max() <= 2 for a, b in zip(eager, again))
+    assert all(np.abs(a - b).max() <= 4 for a, b in zip(eager, again))
 
 
 @pytest.mark.gpu

@@ -3,8 +3,8 @@
 # swap), then the GPU tests of the tiered start. Writes everything under $OUT.
 bash bench/device_setup.sh; export PYTHONPATH=/tmp/site
 mkdir -p "$OUT"
-git rev-parse --short HEAD 2>/dev/null > "$OUT/commit.txt"
-timeout 440 python3 bench/bench_startup.py --graph graphs/demo.yaml --swap-graph bench/graphs/demo_swap.yaml \
-  --child-seconds 260 --blocks 100 --root /tmp/rg-startup --json "$OUT/startup_demo.json" 2>&1 | tee "$OUT/startup_demo.log"
-timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_tiers.py -m gpu -x 2>&1 | tail -15 > "$OUT/gpu_tests.txt"
-echo "--- gpu tests"; cat "$OUT/gpu_tests.txt"
+python3 -X importtime -c "import torch" 2> "$OUT/importtime_torch.txt"; tail -1 "$OUT/importtime_torch.txt"
+timeout 450 python3 bench/bench_startup.py --graph graphs/demo.yaml --swap-graph bench/graphs/demo_swap.yaml \
+  --child-seconds 200 --blocks 100 --root /tmp/rg-startup --json "$OUT/startup_demo.json" 2>&1 | tee "$OUT/startup_demo.log"
+timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_tiers.py -m gpu 2>&1 | tail -15 > "$OUT/gpu_tests.txt"
+echo "--- gpu tests"; tail -4 "$OUT/gpu_tests.txt"

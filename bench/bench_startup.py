@@ -47,8 +47,9 @@ def child(args) -> None:
         use_random_weights(ls)
     engine = Engine(build_plan(ls), start=args.start, compile=args.compile).load()
     t_loaded = time.time() - spawn
+    load_times = {k: round(v, 3) for k, v in engine.load_times.items()}
     rec: dict = {"start": args.start, "graph": args.graph, "mode": engine.mode, "import_s": t_import,
-                 "loaded_s": t_loaded}
+                 "loaded_s": t_loaded, "load_times": load_times}
     blocks: list[dict] = []
     swap_at: dict = {}
     tier = engine.executor if hasattr(engine.executor, "status") else None

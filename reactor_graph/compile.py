@@ -13,6 +13,7 @@ the static buffers, so a new prompt is a copy, never a recompile or a recapture.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,20 @@ def compile_function(fn: Callable, backend: str, counted: Callable[[], None] | N
         return inner(gm, example_inputs)
 
     return torch.compile(fn, backend=counting_backend, dynamic=False)
+
+
+@contextlib.contextmanager
+def capturing(graph: Any, pool: Any, stream: Any):
+    """torch.cuda.graph without its gc.collect() and empty_cache() on entry: a start captures one graph per
+    phase key (a tier switch does so while the stream runs), and a full garbage collection of a process that
+    imported torch costs tens to hundreds of milliseconds each time."""
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        graph.capture_begin(*(() if pool is None else (pool,)))
+        try:
+            yield
+        finally:
+            graph.capture_end()
 
 
 class Segment:
@@ -113,6 +128,7 @@ class CompiledHotPath:
         self.replays = 0
         self.times: dict[str, float] = {"compile_s": 0.0, "capture_s": 0.0}
         self.pool = torch.cuda.graph_pool_handle() if mode == "cudagraph" else None
+        self.capture_stream = torch.cuda.Stream(device) if mode == "cudagraph" else None
         self._regions: dict[Callable, Callable] = {}
         self.compile_regions()
 
@@ -243,7 +259,7 @@ class CompiledHotPath:
         if self.probe:
             self.probe.take()  # warm-up's marks
         compiles = record.compiles
-        with torch.cuda.graph(graph, pool=self.pool):
+        with capturing(graph, self.pool, self.capture_stream):
             out = record.run(static)
         torch.cuda.synchronize(self.device)
         if record.compiles != compiles:

@@ -78,6 +78,7 @@ class Engine(HostFeatures):
         self.start = start
         self.compile_cache: CompileCache | None = None  # compile_cache.py; loaded before the first compile
         self._tiers: dict[tuple, TieredHotPath] = {}  # tiered start: per set of hot nodes
+        self._cache_lock = threading.Lock()
         self.wiring: Wiring = plan.wiring  # this session's: the plan's, or what swaps made of it
         self.commands = CommandQueue(plan.commands)
         self.slots = SlotStore(plan.slots)
@@ -155,7 +156,9 @@ class Engine(HostFeatures):
         self.inputs.sync(self.slots)  # video/image slots on the device before anything is warmed or captured
         self._warm_alternatives(say)
         say(f"preparing the hot path ({self.mode})")
+        t0 = time.perf_counter()
         self.prepare_executor(progress=say)
+        self.load_times["(hot path)"] = time.perf_counter() - t0  # compile/capture, or the quick tier's capture
         self.loaded = True
         return self
 
@@ -171,9 +174,6 @@ class Engine(HostFeatures):
                         "'eager'", self.device)
             self.mode_note = f"cudagraph needs a CUDA GPU; fell back to eager on {self.device}"
             self.mode = "eager"
-        if self.mode != "eager" and self.compile_cache is None:
-            self.compile_cache = CompileCache(self.plan, self.device, self.mode)
-            self.compile_cache.load()
         if self.start == "tiered" and self.mode != "eager" and self.probe is None:
             # one tiered executor per set of hot nodes: swapping back (a session's end) finds its compiled
             # tier (or its build still under way) instead of starting over
@@ -185,6 +185,7 @@ class Engine(HostFeatures):
             return ex
         ex = build_executor(self.hot, self.mode, self.device, self.compile_backend, probe=self.probe)
         if isinstance(ex, CompiledHotPath):
+            cache = self.load_compile_cache()
             verb = "capturing" if self.mode == "cudagraph" else "compiling"
             self.reset_nodes()  # warm-up writes node state (KV caches): reset before and after
             with torch.inference_mode():
@@ -194,8 +195,8 @@ class Engine(HostFeatures):
                     say(f"{verb} phase {key[0]} of the hot path ({i + 1}/{len(keys)})")
                     ex.warm_up([key], self.external)
             self.reset_nodes()
-            if self.backend_caches:
-                self.compile_cache.save()
+            if cache is not None:
+                cache.save()
         self.executor = ex
         return ex
 
@@ -216,9 +217,9 @@ class Engine(HostFeatures):
             external = self.external()
         self.reset_nodes()
         hot, mode, device, backend = self.hot, self.mode, self.device, self.compile_backend
-        cache = self.compile_cache if self.backend_caches else None
 
         def build(tier: TieredHotPath):
+            cache = self.load_compile_cache()  # here, not before the first frame: a cache takes seconds to read
             built = build_compiled_tier(tier, hot, mode, device, backend, keys, external, quick)
             if cache is not None:
                 cache.save()
@@ -228,10 +229,16 @@ class Engine(HostFeatures):
         say(f"serving {name}; compiling the hot path in the background")
         return tier.start()
 
-    @property
-    def backend_caches(self) -> bool:
-        """Whether the compile backend makes artifacts worth saving (inductor; not the tests' aot_eager)."""
-        return self.compile_backend == "inductor" and self.compile_cache is not None
+    def load_compile_cache(self) -> CompileCache | None:
+        """This graph's compile cache, loaded once before the first compile (None for backends that make no
+        artifacts worth keeping: the tests' aot_eager)."""
+        if self.compile_backend != "inductor":
+            return None
+        with self._cache_lock:
+            if self.compile_cache is None:
+                self.compile_cache = CompileCache(self.plan, self.device, self.mode)
+                self.compile_cache.load()
+        return self.compile_cache
 
     def serving(self) -> dict:
         """What runs the hot path now: {mode, serving (eager | eager-captured | compiled), progress, ...}."""

@@ -101,25 +101,38 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
-def _fa3_forward():
-    # fa3_fwd_interface's custom op (it has a fake implementation, so Dynamo can trace it in `compile: whole`)
-    from fa3_fwd_interface import _flash_attn_forward
-
-    return _flash_attn_forward
-
-
 class Fa3Attention:
     """FlashAttention-3 forward, bf16. No host sync: num_splits is fixed at 1 (no split heuristic on the host)
-    and nothing is read back, so the call is captured in CUDA graphs."""
+    and nothing is read back, so the call is captured in CUDA graphs.
+
+    Run plainly it calls the extension's op (`torch.ops.fa3_fwd.fwd`) itself: fa3_fwd_interface's Python wrapper
+    also builds empty placeholder tensors from host lists (`torch.tensor([], device=...)`) on every call, a
+    host-to-device copy that has no place in a captured graph. Traced by Dynamo (`compile: whole`) it calls the
+    wrapper's custom op, whose fake implementation lets the trace through."""
 
     name = "fa3"
 
     def __init__(self):
-        self._fwd = _fa3_forward()
+        import fa3_fwd_interface
+
+        self._op = torch.ops.fa3_fwd.fwd
+        self._traced = fa3_fwd_interface._flash_attn_forward
 
     def __call__(self, q, k, v, q_descale=None, k_descale=None, v_descale=None):
-        out, *_ = self._fwd(q, k, v, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
-                            softmax_scale=q.shape[-1] ** -0.5, causal=False, num_splits=1)
+        scale = q.shape[-1] ** -0.5
+        # the kernel wants unit stride in the channels (views of the cache and the projections have it)
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        if torch.compiler.is_compiling():
+            out, *_ = self._traced(q, k, v, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+                                   softmax_scale=scale, causal=False, num_splits=1)
+            return out
+        # the op's positional schema (fa3_fwd 0.0.3): q, k, v, k_new, v_new, qv, out, cu_seqlens_q/k/k_new,
+        # seqused_q/k, max_seqlen_q/k, page_table, kv_batch_idx, leftpad_k, rotary_cos/sin, seqlens_rotary,
+        # q/k/v_descale, softmax_scale, causal, window left/right, attention_chunk, softcap, rotary_interleaved,
+        # scheduler_metadata, num_splits, pack_gqa, sm_margin
+        out, *_ = self._op(q, k, v, None, None, None, None, None, None, None, None, None, None, None, None, None,
+                           None, None, None, None, q_descale, k_descale, v_descale, scale, False, -1, -1, 0, 0.0,
+                           True, None, 1, None, 0)
         return out
 
 

@@ -22,6 +22,11 @@ LongLive's rank) merged at load, and a second one as an in-place alternative (`s
 swaps to it mid-stream: the swap's stall (the in-place rewrite of the merged weights, synchronised), the block it
 lands in against the others, and that nothing recompiled or recaptured. The LoRA files go to a temporary folder.
 
+`--attentions sdpa,fa3,fa3_fp8`: each mode once per self-attention kernel of the DiT, in the same process, the first
+one the baseline (rows `MODE+KERNEL`, `attention` in the JSON: kernel asked -> resolved, frames/s and block p50 and
+their ratio to the baseline). `--no-per-node` skips the probed session of each mode (a compiled mode compiles and
+captures again for it) to keep such a run short. The kernels' quality: bench/bench_attention_quality.py.
+
 No network: nothing is downloaded. Needs torch with CUDA, triton; transformers for the UMT5 node.
 """
 from __future__ import annotations
@@ -35,6 +40,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ATTENTION = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "fa3", "fa3_fp8")  # models/attention.py CHOICES
 T0 = time.perf_counter()
 
 
@@ -62,7 +68,11 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--backend", default="inductor", help="engine compile backend (none: capture eager code)")
     ap.add_argument("--dit-compile", choices=["regional", "whole"], default="regional",
                     help="how compiled modes compile the DiT (see nodes/wan_causal_dit.py)")
-    ap.add_argument("--attention", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"])
+    ap.add_argument("--attention", default="auto", choices=list(ATTENTION),
+                    help="the DiT's self-attention kernel (see nodes/wan_causal_dit.py)")
+    ap.add_argument("--attentions", default=None, metavar="A,B,...",
+                    help="run every mode once per kernel, the first the baseline (overrides --attention)")
+    ap.add_argument("--no-per-node", action="store_true", help="skip each mode's probed (per-node) session")
     ap.add_argument("--decoder", choices=["taehv", "wan_vae"], default="taehv")
     ap.add_argument("--rolling", choices=["graph", "true", "false"], default="graph",
                     help="false: Self-Forcing's own clips (the cache fills over 7 blocks, then the sequence "
@@ -274,6 +284,27 @@ def lora_swap(engine, dit: str, warmup: int, after: int = 6) -> dict:
     return out
 
 
+def attention_list(args) -> list[str]:
+    kernels = [a.strip() for a in (args.attentions or args.attention).split(",") if a.strip()]
+    bad = [a for a in kernels if a not in ATTENTION]
+    if bad:
+        raise SystemExit(f"--attentions: unknown {', '.join(bad)}; choose from {', '.join(ATTENTION)}")
+    return kernels
+
+
+def compare_kernels(report: dict, mode: str) -> None:
+    """Each kernel's row of `mode` against the first kernel's (the baseline), into report['attention']."""
+    rows = [(k, v) for k, v in report["attention"].items() if k.startswith(mode + "+") and k in report["modes"]]
+    if not rows:
+        return
+    base_key = rows[0][0]
+    base = report["modes"][base_key]["block_ms"]["p50"]
+    for k, v in rows:
+        m = report["modes"][k]
+        v.update(fps=m["fps"], block_ms_p50=m["block_ms"]["p50"], hot_path_ms_p50=m["hot_path_ms"]["p50"],
+                 baseline=base_key, speedup=base / m["block_ms"]["p50"])
+
+
 def main() -> int:
     args = parse()
     sys.stdout.reconfigure(line_buffering=True)
@@ -315,38 +346,57 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     status = 0
-    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+    kernels = attention_list(args)
+    runs = [(mode, att) for att in kernels for mode in [m.strip() for m in args.modes.split(",") if m.strip()]]
+    for mode, att in runs:
+        key = mode if len(kernels) == 1 else f"{mode}+{att}"
         blocks = args.eager_blocks if mode == "eager" else args.blocks
-        say(f"--- {mode}: {args.warmup} warm-up + {blocks} measured blocks")
+        try:
+            path = dit_node.set_attention(att)
+        except ValueError as exc:
+            report.setdefault("errors", {})[key] = str(exc)
+            say(f"{key}: skipped: {exc}")
+            status = 1
+            continue
+        report.setdefault("attention", {})[key] = {"asked": att, "path": path}
+        say(f"--- {key}: {args.warmup} warm-up + {blocks} measured blocks; self-attention {path} (asked {att})")
         t = time.perf_counter()
         try:
-            r = run_bench(engine, [mode], blocks=blocks, warmup=args.warmup, progress=say)
+            r = run_bench(engine, [mode], blocks=blocks, warmup=args.warmup, progress=say,
+                          per_node=not args.no_per_node)
         except Exception as exc:  # keep what the other modes measured; say where this one broke
             traceback.print_exc()
-            report.setdefault("errors", {})[mode] = f"{type(exc).__name__}: {exc}"
+            report.setdefault("errors", {})[key] = f"{type(exc).__name__}: {exc}"
             out.write_text(json.dumps(report, indent=2))
-            say(f"{mode} failed after {time.perf_counter() - t:.0f}s: {type(exc).__name__}: {exc}")
+            say(f"{key} failed after {time.perf_counter() - t:.0f}s: {type(exc).__name__}: {exc}")
             status = 1
             continue
         m = r["modes"][mode]
-        report["modes"][mode] = m
+        report["modes"][key] = m
         all_rolling = dit_node.params.rolling and args.warmup >= dit_node.num_phases() - 1
-        report["extra"][mode] = summarize(mode, m, steady, flops, all_rolling)
-        report["extra"][mode]["wall_s"] = time.perf_counter() - t
+        report["extra"][key] = summarize(key, m, steady, flops, all_rolling)
+        report["extra"][key]["wall_s"] = time.perf_counter() - t
         if args.switch:
-            report["extra"][mode]["prompt_switch"] = prompt_switch(engine, args.warmup)
+            report["extra"][key]["prompt_switch"] = prompt_switch(engine, args.warmup)
         if args.lora_swap:
-            report["extra"][mode]["lora_swap"] = lora_swap(engine, dit, args.warmup)
-        report["extra"][mode]["dit_region_compiles"] = dit_node.region_compiles
+            report["extra"][key]["lora_swap"] = lora_swap(engine, dit, args.warmup)
+        report["extra"][key]["dit_region_compiles"] = dit_node.region_compiles
+        if len(kernels) > 1:
+            compare_kernels(report, mode)
         for k in ("schema", "device", "dtype", "frames_per_block"):
             report[k] = r.get(k)
         names = list(report["modes"])
         report["ratios"] = {f"{a}/{b}": report["modes"][a]["block_ms"]["p50"] / report["modes"][b]["block_ms"]["p50"]
                             for a in names for b in names if a != b}
         out.write_text(json.dumps(report, indent=2))
-        say(f"wrote {out} ({mode} took {time.perf_counter() - t:.0f}s)")
+        say(f"wrote {out} ({key} took {time.perf_counter() - t:.0f}s)")
     for k, v in report.get("ratios", {}).items():
         say(f"ratio {k}: {v:.2f}x (block p50)")
+    for k, v in report.get("attention", {}).items():
+        if "fps" in v:
+            say(f"attention {k}: {v['path']}: {v['fps']:.1f} frames/s, block p50 {v['block_ms_p50']:.1f} ms, "
+                f"{v['speedup']:.3f}x the baseline {v['baseline']}")
+    out.write_text(json.dumps(report, indent=2))
     say("done" if status == 0 else "done, with errors")
     return status
 

@@ -41,6 +41,14 @@ Rolling and positions
     roll only moves them, so bf16 keys are rounded once however long the stream runs. The position counter lives
     on the device; the rolling phase stays one captured program.
 
+Attention
+    `attention` picks the self-attention kernel over the cache (reactor_graph/models/attention.py): `auto` (the
+    default) takes FlashAttention-3 (bf16, as exact as SDPA, faster on these shapes) where the optional `fa3_fwd`
+    wheel imports and the GPU is a Hopper (sm90), else PyTorch's SDPA (cuDNN's kernel on Hopper); `fa3_fp8` runs
+    FA3 on e4m3 q/k/v whose per-head scales are computed on the device inside the captured graph. Asking for
+    fa3/fa3_fp8 where FA3 cannot run fails the load (no silent fallback). The choice made is `attention_path`.
+    Cross-attention (512 text tokens) stays on SDPA.
+
 Compilation
     `compile: regional` (default). The engine compiles (torch.compile) and CUDA-graph captures whole hot paths;
     traced whole, this node is 5 passes x 30 layers unrolled per phase, and every phase (8) is traced again:
@@ -105,7 +113,6 @@ def wan_config(name: str, layers: int | None = None):
     return dataclasses.replace(cfg, num_layers=layers) if layers else cfg
 
 
-_SDPA = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 
 
 @register("wan_causal_dit")
@@ -155,8 +162,14 @@ class WanCausalDiT(Node):
                                "can be swapped in place")
         swap_into: str | None = Field(None, description="as an alternative: the wan_causal_dit node whose weights "
                                                         "this one's LoRA rewrites in place (only the LoRA is loaded)")
-        attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
-            "auto", description="SDPA backend (auto: PyTorch's choice)")
+        attention: Literal["auto", "sdpa", "cudnn", "flash", "efficient", "math", "fa3", "fa3_fp8"] = Field(
+            "auto", description="self-attention kernel: sdpa (PyTorch's choice of backend), cudnn / flash / "
+                                "efficient / math (that SDPA backend), fa3 (FlashAttention-3, bf16: the optional "
+                                "fa3_fwd wheel, Hopper only), fa3_fp8 (FA3 on e4m3 q/k/v, per-head scales "
+                                "computed on the device); auto: fa3 where it can run, else sdpa. The choice made "
+                                "is `attention_path` (logged at load)")
+        fp8_scale: Literal["head", "tensor"] = Field(
+            "head", description="with attention: fa3_fp8, one scale per (batch, head) or per tensor")
         compile: Literal["regional", "whole"] = Field(
             "regional", description="how compiled engine modes compile this node (see the module docstring)")
         compile_backend: str | None = Field(None, description="backend of regional compiles outside an engine, "
@@ -251,6 +264,7 @@ class WanCausalDiT(Node):
             load_wan_state_dict(model, path, strict=True, prefer_ema=p.prefer_ema)
             model.to(device)
         self.model = model.eval().requires_grad_(False)
+        self.set_attention(p.attention)
         self._base = self._keep_base() if p.lora_swap != "off" else None
         self.lora_now = None
         if self.lora_delta is not None:
@@ -359,12 +373,27 @@ class WanCausalDiT(Node):
         # [C, S*T, h, w] -> [S, 1, C, T, h, w] (a view)
         return noise.view(c, self.num_steps, self.params.frames_per_block, h, w).permute(1, 0, 2, 3, 4)[:, None]
 
+    def set_attention(self, choice: str) -> str:
+        """Use the self-attention kernel `choice` (see the `attention` param) from the next trace or run on;
+        returns the resolved one (auto -> fa3 or sdpa), also kept as `attention_path`. A compiled or captured
+        executor keeps the kernel it was built with: build a new one after this (benches compare kernels so)."""
+        from reactor_graph.models.attention import make_attention, resolve_attention
+
+        path = resolve_attention(choice, self.device)
+        self.model.attn = make_attention(path, self.params.fp8_scale)
+        self.attention_path = path
+        log.info("node %s: self-attention %s (asked: %s)", self.name, path, choice)
+        return path
+
     def _attention(self):
-        if self.params.attention == "auto":
+        from reactor_graph.models.attention import SDPA_BACKENDS
+
+        backend = SDPA_BACKENDS.get(getattr(self, "attention_path", self.params.attention))
+        if backend is None:  # sdpa, fa3, fa3_fp8: SDPA (cross-attention at least) picks its own backend
             return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        return sdpa_kernel([getattr(SDPBackend, _SDPA[self.params.attention])])
+        return sdpa_kernel([getattr(SDPBackend, backend)])
 
     def _generate(self, cond: torch.Tensor, noise: torch.Tensor, phase: int,
                   input: torch.Tensor | None = None) -> torch.Tensor:

@@ -147,9 +147,11 @@ def _session(engine: Engine, n: int, lands: list[int], rerun_from: int | None = 
 
 
 def bench_mode(engine: Engine, mode: str, blocks: int, warmup: int, progress=None, switch: int = 0,
-               probe: Probe | None = None) -> dict[str, Any]:
+               probe: Probe | None = None, per_node: bool = True) -> dict[str, Any]:
     """One mode: un-probed latency and sustained sessions, then a probed one (per-node times, on-change
-    nodes). `probe`: the one to record into (bench --trace keeps it); a new one otherwise."""
+    nodes). `probe`: the one to record into (bench --trace keeps it); a new one otherwise. per_node=False
+    skips the probed session (a compiled mode builds its executor again for it): nodes_ms and on_change are
+    then empty and the probed figures 0."""
     say = progress or (lambda m: None)
     cuda = engine.device.type == "cuda"
     engine.mode, engine.mode_note = mode, ""
@@ -173,21 +175,23 @@ def bench_mode(engine: Engine, mode: str, blocks: int, warmup: int, progress=Non
 
     # the same blocks again, every node timed at its boundaries
     probe = probe or Probe(engine.device)
-    if compiled:
-        say(f"{mode}: compiling the hot path again, split at node boundaries, to time every node")
-    engine.use_probe(probe, progress=say)
-    try:
-        _session(engine, warmup + blocks + RERUNS, lands, rerun_from=warmup + blocks, say=say, label=f"{mode} probed")
-    finally:
-        engine.use_probe(None, executor=ex)
-    per_block = probe.resolve()
+    if per_node:
+        if compiled:
+            say(f"{mode}: compiling the hot path again, split at node boundaries, to time every node")
+        engine.use_probe(probe, progress=say)
+        try:
+            _session(engine, warmup + blocks + RERUNS, lands, rerun_from=warmup + blocks, say=say,
+                     label=f"{mode} probed")
+        finally:
+            engine.use_probe(None, executor=ex)
+    per_block = probe.resolve() if per_node else []
     measured = [b for b in per_block if warmup <= b["index"] < warmup + blocks and b["index"] not in lands]
     nodes_ms = {n: _p50([d for b in measured for (nm, k, _, d, _, _) in b["spans"] if nm == n and k == "node"])
-                for n in engine.plan.hot}
+                for n in engine.plan.hot} if per_node else {}
     sums = [sum(d for (_, k, _, d, _, _) in b["spans"] if k == "node") for b in measured]
     probed_hot = [d for b in measured for (_, k, _, d, _, _) in b["spans"] if k == "hot_path"]
     on_change = {}
-    for n in engine.plan.on_change:
+    for n in engine.plan.on_change if per_node else ():
         runs = [(b["index"], d) for b in per_block for (nm, k, _, d, _, _) in b["spans"] if nm == n and k == "on_change"]
         first = [d for i, d in runs if i == 0]
         on_change[n] = {"first_ms": first[0] if first else None, "steady_ms": _p50([d for i, d in runs if i > 0]),
@@ -222,7 +226,7 @@ def bench_mode(engine: Engine, mode: str, blocks: int, warmup: int, progress=Non
         "nodes_ms": nodes_ms,
         "nodes_sum_ms": _p50(sums) or 0.0,
         "probed_hot_path_ms": probed_p50,
-        "probe_cost_ms": probed_p50 - hot_ms["p50"],
+        "probe_cost_ms": probed_p50 - hot_ms["p50"] if per_node else 0.0,
         "on_change": on_change,
         "switch": sw,
         "peak_memory_mb": peak,
@@ -273,8 +277,9 @@ def label(mode: str, r: dict[str, Any]) -> str:
 
 
 def run_bench(engine: Engine, modes: list[str], blocks: int = 50, warmup: int = 5, progress=None,
-              switch: int = 0, probes: dict[str, Probe] | None = None) -> dict[str, Any]:
-    """`probes`: filled with each mode's Probe (its marks make a trace, see trace.py)."""
+              switch: int = 0, probes: dict[str, Probe] | None = None, per_node: bool = True) -> dict[str, Any]:
+    """`probes`: filled with each mode's Probe (its marks make a trace, see trace.py). per_node: see
+    bench_mode."""
     report = {
         "schema": SCHEMA, "graph": engine.plan.name, "device": str(engine.device),
         "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
@@ -283,7 +288,8 @@ def run_bench(engine: Engine, modes: list[str], blocks: int = 50, warmup: int = 
     }
     for mode in modes:
         probe = Probe(engine.device)
-        report["modes"][mode] = bench_mode(engine, mode, blocks, warmup, progress, switch=switch, probe=probe)
+        report["modes"][mode] = bench_mode(engine, mode, blocks, warmup, progress, switch=switch, probe=probe,
+                                           per_node=per_node)
         if probes is not None:
             probes[mode] = probe
     report["frames_per_block"] = max(m["frames_per_block"] for m in report["modes"].values())

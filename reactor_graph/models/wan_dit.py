@@ -83,6 +83,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import sdpa_attention
+
 __all__ = [
     "WanConfig",
     "WanRMSNorm",
@@ -364,6 +366,10 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = WanHead(cfg)
+        # the block's self-attention over the cache, (q, k, v) [B, L, H, D] -> [B, L, H, D]: SDPA, or a kernel
+        # of models/attention.py (FlashAttention-3, FP8) set by the caller. Cross-attention (512 text tokens, a
+        # few % of a block) and the masked full-sequence forward stay on SDPA.
+        self.attn = sdpa_attention
 
     # -- pieces
 
@@ -471,7 +477,7 @@ class WanDiT(nn.Module):
             else:
                 kk = torch.cat([kc[:, :cache_start], k.to(kc.dtype)], dim=1)
                 vv = torch.cat([vc[:, :cache_start], v.to(vc.dtype)], dim=1)
-            a = attend(q, kk.to(q.dtype), vv.to(q.dtype))
+            a = self.attn(q, kk.to(q.dtype), vv.to(q.dtype))
             if ckv is not None:
                 ck, cv = ckv[i]
             else:

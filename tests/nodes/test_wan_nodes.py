@@ -316,3 +316,20 @@ def test_umt5_prompt_clean_up_as_wan(raw, want):
     from reactor_graph.nodes.umt5_encoder import clean_prompt
 
     assert clean_prompt(raw, ftfy.fix_text) == want
+
+
+def test_attention_param_resolves_and_fa3_off_hopper_fails_the_load(write_graph):
+    plan = load_plan(write_graph(TINY))
+    engine = Engine(plan, device="cpu").load()
+    dit = engine.nodes["dit"]
+    assert dit.params.attention == "auto" and dit.attention_path == "sdpa"  # no Hopper, no FA3 here
+    assert dit.set_attention("math") == "math" and dit.attention_path == "math"
+    sizes = "latent_size: [8, 8], steps: 4,"
+    for choice in ("fa3", "fa3_fp8"):
+        text = tiny_text(**{sizes: f"{sizes} attention: {choice},"})
+        with pytest.raises(NodeError) as err:
+            Engine(load_plan(write_graph(text)), device="cpu").load()
+        assert f"attention: {choice}" in str(err.value) and "CUDA" in str(err.value)
+    with pytest.raises(GraphError) as err:
+        load_plan(write_graph(tiny_text(**{sizes: f"{sizes} attention: sage,"})))
+    assert "attention" in str(err.value)

@@ -163,6 +163,9 @@ def main() -> None:
     ap.add_argument("--scenarios", default="full_fresh,tiered_fresh,full_restart,tiered_restart,tiered_wiped,swap")
     ap.add_argument("--root", default=None, help="cache folders (default: a temporary folder)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--restart-from", default="full_fresh", choices=("full_fresh", "tiered_fresh"),
+                    help="whose filled caches the restart scenarios reuse (tiered_fresh: it then runs until "
+                         "its compiled tier serves, and full_fresh need not run)")
     ap.add_argument("--random-weights", action="store_true", help="(children) random weights for every node")
     args = ap.parse_args()
     if args.cmd == "child":
@@ -172,13 +175,14 @@ def main() -> None:
     root = Path(args.root or tempfile.mkdtemp(prefix="rg-startup-"))
     want = args.scenarios.split(",")
     runs = []
+    w = "B" if args.restart_from == "tiered_fresh" else "A"  # whose caches the restarts reuse
     plans = {
         "full_fresh": (lambda: caches(root, "A"), "full", args.graph, []),
-        "tiered_fresh": (lambda: caches(root, "B"), "tiered", args.graph, ["--stop-early"]),
-        "full_restart": (lambda: caches(root, "A", reuse="A"), "full", args.graph, []),
-        "tiered_restart": (lambda: caches(root, "A", reuse="A"), "tiered", args.graph, []),
-        "tiered_wiped": (lambda: caches(root, "C", keep_rg="A"), "tiered", args.graph, []),
-        "swap": (lambda: caches(root, "A", reuse="A"), "tiered", args.swap_graph or args.graph,
+        "tiered_fresh": (lambda: caches(root, "B"), "tiered", args.graph, [] if w == "B" else ["--stop-early"]),
+        "full_restart": (lambda: caches(root, w, reuse=w), "full", args.graph, []),
+        "tiered_restart": (lambda: caches(root, w, reuse=w), "tiered", args.graph, []),
+        "tiered_wiped": (lambda: caches(root, "C", keep_rg=w), "tiered", args.graph, []),
+        "swap": (lambda: caches(root, w, reuse=w), "tiered", args.swap_graph or args.graph,
                  ["--swap", args.swap]),
     }
     for name in want:

@@ -245,7 +245,9 @@ class CompiledHotPath:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                for _ in range(self.WARMUP):
+                # uncompiled code needs one run to settle (lazy kernel loading, library handles); compiled code
+                # also its first-call autotuning and allocations
+                for _ in range(self.WARMUP if self.backend != "none" else 1):
                     record.fn(segment, inputs)
             side.synchronize()  # not the current stream's wait: in the background that would stall the stream
         record.state = "warm"

@@ -111,6 +111,7 @@ def v2v_tiny(write_graph) -> Path:
         "strength: 0.7 ": "strength: 0.05",
         "params: {weights: random}\n    in: {latents: dit.latents}": "params: {channels: [16, 8, 8, 8], weights: "
                                                                     "random}\n    in: {latents: dit.latents}",
+        "params: {dim: 96, weights: random}": "params: {dim: 4, weights: random}",
     }.items():
         assert text.count(old) == 1, old
         text = text.replace(old, new)
@@ -118,10 +119,46 @@ def v2v_tiny(write_graph) -> Path:
 
 
 def test_shipped_graph_validates_at_full_size():
+    from typer.testing import CliRunner
+
+    from reactor_graph.cli import app
+    from reactor_graph.plan import outputs_mismatch
+
     plan = load_plan(GRAPHS / "streamdiffusion_v2.yaml")
     assert list(plan.hot) == ["noise", "encode", "dit", "decode", "out"] and "rgb" in plan.on_change
     enc, dit = plan.nodes["encode"], plan.nodes["dit"]
     assert enc.ports()[1]["latents"].shape == (16, "t", 60, 104) and dit.params.strength == 0.7
+    # the Wan VAE encoder is a declared alternative of `encode`, swapped in by a command
+    wan = plan.alternatives["encode_wan_vae"]
+    assert wan.type_name == "wan_vae_encoder" and outputs_mismatch(enc, wan) is None
+    assert plan.commands["use_wan_vae_encoder"].spec.swap == {"encode": "encode_wan_vae"}
+    res = CliRunner().invoke(app, ["validate", str(GRAPHS / "streamdiffusion_v2.yaml")])
+    assert res.exit_code == 0 and "5 commands" in res.output, res.output
+
+
+def test_wan_vae_encoder_node_streams_like_wan():
+    """A session's first block encodes the newest 4t - 3 of its 4t frames; with the next block's 4t frames the two
+    give what Wan's whole-sequence encode gives for the frames used."""
+    from reactor_graph.nodes.wan_vae_encoder import WanVAEEncoderNode
+
+    node = WanVAEEncoderNode("enc", WanVAEEncoderNode.Params(dim=4), G)
+    node.load(CPU, F32)
+    assert node.ports()[1]["latents"].shape == (16, "t", 8, 8) and node.num_phases() == 2
+    g = torch.Generator().manual_seed(3)
+    clip = torch.rand(24, 3, 64, 64, generator=g) * 2 - 1  # [T, 3, H, W] in [-1, 1], two blocks of 12
+    with torch.no_grad():
+        out = []
+        for b in (0, 1):
+            node.phase = node.phase_for_block(b)
+            out.append(node.forward(clip[12 * b:12 * b + 12])["latents"].clone())
+        assert [o.shape for o in out] == [(16, 3, 8, 8)] * 2
+        ref = node.model.encode_full(clip[3:].transpose(0, 1)[None])[0]  # the oldest 3 frames dropped
+        torch.testing.assert_close(torch.cat(out, dim=1), ref, rtol=1e-5, atol=1e-5)
+        node.reset()
+        node.phase = node.phase_for_block(0)
+        torch.testing.assert_close(node.forward(clip[:12])["latents"], out[0], rtol=0, atol=0)
+        with pytest.raises(ValueError, match="multiple of 4"):
+            node.forward(clip[:10])
 
 
 def _camera(level: int) -> np.ndarray:
@@ -151,10 +188,11 @@ def test_tiny_v2v_graph_streams_and_follows_the_camera(write_graph):
     assert lit.inputs.tracks() == ["camera"]
     seen = {"dark": _record_dit(dark), "lit": _record_dit(lit)}
     a, b = [dark.run_block(0)["video"]], [lit.run_block(0)["video"]]
-    for _ in range(12):  # the camera from block 1 on (12 frames a block)
-        lit.inputs.feed("camera", _camera(230))
-    a += [dark.run_block(k)["video"] for k in (1, 2)]
-    b += [lit.run_block(k)["video"] for k in (1, 2)]
+    for k in (1, 2):  # the camera from block 1 on (12 frames a block), fed just before each block: frames older
+        a.append(dark.run_block(k)["video"])  # than the slot's stale limit (1 s, a loaded machine) read as none
+        for _ in range(12):
+            lit.inputs.feed("camera", _camera(230))
+        b.append(lit.run_block(k)["video"])
     assert [v.shape[0] for v in a] == [9, 12, 12] == [v.shape[0] for v in b]
     assert tuple(a[0].shape[1:]) == (96, 64)  # yuv420p [T, H*3/2, W]
     assert np.array_equal(a[0], b[0])
@@ -193,3 +231,29 @@ def test_tiny_v2v_compiled_equals_eager_without_recompiles(write_graph):
     assert ex.recompiles == 0 and ex.compiles == at_start
     for a, b in zip(eager, compiled, strict=True):
         assert a.shape == b.shape and (a.to(torch.int16) - b.to(torch.int16)).abs().max() <= 1
+
+
+def test_tiny_v2v_swaps_to_the_wan_vae_encoder(write_graph):
+    from reactor_graph.loop import open_engine
+
+    engine = open_engine(str(v2v_tiny(write_graph)), device="cpu")
+    dit_inputs = _record_dit(engine)
+    alt = engine.plan.alternatives["encode_wan_vae"]
+    encoded = []
+    plain = alt.forward
+    alt.forward = lambda frames: encoded.append(plain(frames)) or encoded[-1]
+
+    def camera(block):
+        if block == 1:
+            engine.submit("use_wan_vae_encoder")  # applied at this block's boundary
+        for _ in range(12):
+            engine.inputs.feed("camera", _camera(40 + 60 * block))
+
+    videos = []
+    engine.run_session(lambda b: videos.append((b, engine.nodes["encode"])), max_blocks=4, before_block=camera)
+    assert [enc.name for _, enc in videos] == ["encode"] + ["encode_wan_vae"] * 3  # the swap lands at block 1
+    assert engine.nodes["encode"] is engine.plan.nodes["encode"]  # a session's swaps end with it
+    assert len(encoded) == 3 and [b.frames for b, _ in videos] == [9, 12, 12, 12]  # eager: no restart, no recapture
+    for (inp, _), enc in zip(dit_inputs[1:], encoded, strict=True):
+        assert torch.equal(inp, enc["latents"])
+    assert not torch.allclose(encoded[1]["latents"], encoded[2]["latents"])  # it follows the camera

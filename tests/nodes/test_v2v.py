@@ -9,9 +9,10 @@ import av
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from reactor_graph.inputs import to_yuv420p
-from reactor_graph.node import GraphInfo
+from reactor_graph.node import GraphInfo, Node, Port, register
 from reactor_graph.plan import load_plan
 
 GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
@@ -108,7 +109,7 @@ def v2v_tiny(write_graph) -> Path:
         "config: 1.3b": "config: tiny",
         "latent_size: [60, 104]": "latent_size: [8, 8]",
         "max_frames: 21": "max_frames: 9",
-        "strength: 0.7 ": "strength: 0.05",
+        "strength: {type: float, default: 0.7,": "strength: {type: float, default: 0.05,",
         "params: {weights: random}\n    in: {latents: dit.latents}": "params: {channels: [16, 8, 8, 8], weights: "
                                                                     "random}\n    in: {latents: dit.latents}",
         "params: {dim: 96, weights: random}": "params: {dim: 4, weights: random}",
@@ -127,13 +128,14 @@ def test_shipped_graph_validates_at_full_size():
     plan = load_plan(GRAPHS / "streamdiffusion_v2.yaml")
     assert list(plan.hot) == ["noise", "encode", "dit", "decode", "out"] and "rgb" in plan.on_change
     enc, dit = plan.nodes["encode"], plan.nodes["dit"]
-    assert enc.ports()[1]["latents"].shape == (16, "t", 60, 104) and dit.params.strength == 0.7
+    assert enc.ports()[1]["latents"].shape == (16, "t", 60, 104)
+    assert plan.bindings["dit"]["strength"].name == "strength" and plan.slots["strength"].default == 0.7  # live
     # the Wan VAE encoder is a declared alternative of `encode`, swapped in by a command
     wan = plan.alternatives["encode_wan_vae"]
     assert wan.type_name == "wan_vae_encoder" and outputs_mismatch(enc, wan) is None
     assert plan.commands["use_wan_vae_encoder"].spec.swap == {"encode": "encode_wan_vae"}
     res = CliRunner().invoke(app, ["validate", str(GRAPHS / "streamdiffusion_v2.yaml")])
-    assert res.exit_code == 0 and "5 commands" in res.output, res.output
+    assert res.exit_code == 0 and "6 commands" in res.output, res.output
 
 
 def test_wan_vae_encoder_node_streams_like_wan():
@@ -217,6 +219,8 @@ def test_tiny_v2v_compiled_equals_eager_without_recompiles(write_graph):
     def go(engine):
         out = [engine.run_block(0)["video"]]
         for k in (1, 2, 3):  # block 3 rolls the cache
+            if k == 2:
+                engine.slots.write("strength", 0.5)  # what set_strength does at the block boundary
             for _ in range(12):
                 engine.inputs.feed("camera", _camera(60 * k))
             out.append(engine.run_block(k)["video"])
@@ -257,3 +261,156 @@ def test_tiny_v2v_swaps_to_the_wan_vae_encoder(write_graph):
     for (inp, _), enc in zip(dit_inputs[1:], encoded, strict=True):
         assert torch.equal(inp, enc["latents"])
     assert not torch.allclose(encoded[1]["latents"], encoded[2]["latents"])  # it follows the camera
+
+
+# ------------------------------------------------------------------------------------------ live strength
+def stream_live(node, cond, noise_shape, inputs, strengths, seed=1):
+    """`stream` with the `strength` port: node.prepare(strength=...) (the engine's host half) before each block."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for b, s in enumerate(strengths):
+            node.phase = node.phase_for_block(b)
+            node.prepare(**({} if s is None else {"strength": s}))
+            noise = torch.randn(*noise_shape, generator=g)
+            out.append(node.forward(cond, noise, input=inputs[b])["latents"].clone())
+    return out
+
+
+@pytest.mark.parametrize("kind", list(MAKERS))
+def test_strength_is_live_from_the_next_block(kind):
+    """A new strength through the port applies from the next block, as if the node had been built with it there
+    (same schedule values: bit for bit), and changes what comes out; the param is the value while unbound."""
+    a, (cond, ns) = MAKERS[kind](strength=0.05)
+    b, _ = MAKERS[kind](strength=0.9)
+    fixed, _ = MAKERS[kind](strength=0.05)
+    inp = latents_like(a, blocks=4)
+    switched = stream_live(a, cond, ns, inp, [None, None, 0.9, 0.9])
+    mirrored = stream_live(b, cond, ns, inp, [0.05, 0.05, None, None])
+    static = stream(fixed, cond, ns, blocks=4, inputs=inp)
+    for x, y in zip(switched, mirrored, strict=True):
+        assert torch.equal(x, y)
+    assert all(torch.equal(x, y) for x, y in zip(switched[:2], static[:2]))
+    for k in (2, 3):  # farther from the input at the higher strength
+        assert (switched[k] - inp[k]).norm() > 2 * (static[k] - inp[k]).norm()
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        a.check_input("strength", 1.5)
+    assert a.check_input("strength", 0.5) is None
+
+
+TINY_V2V_DENOISER = """\
+reactor-graph: 1
+name: v2v-denoiser
+size: [32, 32]
+fps: 16
+device: cpu
+slots:
+  prompt: {type: str, default: "a red circle"}
+  strength: {type: float, default: 0.3}
+  camera: {type: video, size: [32, 32], frames: 8}
+commands:
+  set_strength:
+    params: {strength: {type: float, ge: 0.01, le: 1}}
+    set: {strength: $strength}
+nodes:
+  cond:
+    type: text_encoder
+    params: {dim: 16, max_tokens: 8, heads: 2}
+    in: {text: $slots.prompt}
+  rgb:
+    type: video_in
+    params: {size: [4, 4]}
+    in: {frames: $slots.camera}
+  encode:
+    type: test_frames_as_latents
+    in: {frames: rgb.rgb}
+  noise:
+    type: noise
+    params: {shape: [16, 2, 4, 4]}
+  denoise:
+    type: causal_denoiser
+    params: {latent_channels: 16, frames_per_block: 2, latent_size: [4, 4], dim: 32, layers: 1, heads: 2,
+             text_dim: 16, steps: 2, cache_blocks: 1}
+    in: {cond: cond.embeds, noise: noise.noise, input: encode.latents, strength: $slots.strength}
+  show:
+    type: test_show_latents
+    in: {latents: denoise.latents}
+  out:
+    type: emit
+    params: {format: rgb24}
+    in: {frames: show.frames}
+"""
+
+
+@register("test_frames_as_latents")
+class FramesAsLatents(Node):
+    """Camera pictures [8, 3, 4, 4] as a latent block [16, 2, 4, 4] (4 frames' channels stacked, then repeated):
+    an input that follows the camera, cheap to compile."""
+
+    every_block = True
+
+    def ports(self):
+        return ({"frames": Port("tensor", "float", (8, 3, 4, 4))},
+                {"latents": Port("tensor", "float", (16, 2, 4, 4))})
+
+    def forward(self, frames):
+        x = frames.reshape(2, 12, 4, 4)
+        return {"latents": torch.cat([x, x[:, :4]], dim=1).transpose(0, 1)}
+
+
+@register("test_show_latents")
+class ShowLatents(Node):
+    """The first 3 latent channels as the picture (8x nearest): the denoiser's output, unattenuated, in the stream
+    (a random latent_decoder would flatten the difference the test looks for)."""
+
+    every_block = True
+
+    def ports(self):
+        return ({"latents": Port("tensor", "float", (16, "t", 4, 4))},
+                {"frames": Port("tensor", "float", ("t", 3, 32, 32))})
+
+    def forward(self, latents):
+        x = F.interpolate(latents[:3].transpose(0, 1), scale_factor=8, mode="nearest")
+        return {"frames": torch.tanh(0.5 * x)}
+
+
+def _camera32(level: int) -> np.ndarray:
+    img = np.full((32, 32, 3), level, np.uint8)
+    img[4:20, 8:24] = 255 - level
+    return to_yuv420p(av.VideoFrame.from_ndarray(img, format="rgb24"), 32, 32)
+
+
+def _session(engine, switch_at: int | None, blocks: int = 5) -> list[np.ndarray]:
+    """A session with the camera fed before each block and set_strength(0.9) submitted at `switch_at`."""
+    def before(k):
+        if k == switch_at:
+            engine.submit("set_strength", {"strength": 0.9})
+        for _ in range(8):
+            engine.inputs.feed("camera", _camera32(30 * k))
+
+    out = []
+    engine.run_session(lambda b: out.append(b.video().copy()), max_blocks=blocks, before_block=before)
+    return out
+
+
+@pytest.mark.slow  # compiles the hot path (aot_eager)
+def test_compiled_strength_command_changes_the_next_block_without_a_recompile(write_graph):
+    from reactor_graph.compile import CompiledHotPath
+    from reactor_graph.errors import CommandError
+    from reactor_graph.loop import Engine
+
+    path = write_graph(TINY_V2V_DENOISER)
+    eager = Engine(load_plan(path), device="cpu").load()
+    engine = Engine(load_plan(path), device="cpu", compile="compile", compile_backend="aot_eager").load()
+    ex = engine.executor
+    assert isinstance(ex, CompiledHotPath) and "denoise" in ex.captured  # the denoiser is in the compiled part
+    at_start = dict(ex.compiles)
+    steady = _session(engine, None)
+    switched = _session(engine, 2)
+    assert ex.recompiles == 0 and ex.compiles == at_start
+    assert all(np.array_equal(a, b) for a, b in zip(steady[:2], switched[:2]))
+    assert all(np.abs(a.astype(int) - b.astype(int)).max() > 20 for a, b in zip(steady[2:], switched[2:]))
+    for a, b in zip(_session(eager, 2), switched, strict=True):  # and it is the new strength's output
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    with pytest.raises(CommandError):
+        engine.submit("set_strength", {"strength": 0})

@@ -10,12 +10,20 @@ both give t latent frames, so the output shape never changes. The causal convolu
 buffers allocated in `load()` for the frame size and zeroed in place by `reset()`.
 
 Heavier than TAEHV (full-resolution 3D convolutions) but the latents of the VAE the DiT was trained on.
+
+Compilation: `compile: regional` (default). The engine traces and compiles the hot path once per phase key (a Wan
+DiT's KV cache has 8); traced with it, this encoder's convolutions would be compiled again for every key. Instead
+the node compiles the model's block encode itself (`compile_regions`, the engine's compile function: one graph per
+encoder phase, 2 in all) and hides it from the engine's trace (`torch.compiler.disable`, one graph break); a
+captured CUDA graph still holds the whole block. `compile: whole` lets the engine trace it like any node.
 Weights: `random` (PyTorch's default init, seeded), or a local `Wan2.1_VAE.pth` / `.safetensors` (its encoder half;
 the width is read from the file).
 """
 from __future__ import annotations
 
 import torch
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from reactor_graph.models.streaming import PHASE_FIRST, PHASE_STEADY
@@ -38,9 +46,12 @@ class WanVAEEncoderNode(Node):
         size: tuple[int, int] | None = Field(None, description="[H, W] of the frames in (default: the graph's)")
         weights: str = Field(RANDOM, description="'random', or a local Wan2.1_VAE.pth / .safetensors")
         seed: int = Field(0, description="seed of random weights (added to the graph's seed)")
+        compile: Literal["regional", "whole"] = Field(
+            "regional", description="how compiled engine modes compile it (see the module docstring)")
 
     def __init__(self, name, params, graph):
         super().__init__(name, params, graph)
+        self._encode = None  # the compiled block encode (compile_regions)
         self.size = tuple(params.size) if params.size else (graph.height, graph.width)
         if self.size[0] % 8 or self.size[1] % 8:
             raise ValueError(f"frame size {self.size[0]}x{self.size[1]} is not a multiple of the encoder's 8x "
@@ -76,6 +87,14 @@ class WanVAEEncoderNode(Node):
     def reset(self):
         self.model.reset()
 
+    def compile_regions(self, compile) -> None:
+        if self.params.compile == "regional" and self._encode is None:
+            self._encode = compile(self.model.block_forward)  # `phase` is an int: one graph per phase
+
+    @torch.compiler.disable
+    def _regional(self, x):
+        return self._encode(x, self.phase)
+
     def forward(self, frames):
         t, k = frames.shape[0], self.model.t_downscale
         if t % k:
@@ -83,5 +102,7 @@ class WanVAEEncoderNode(Node):
                              f"video slot's frames)")
         if self.phase == PHASE_FIRST:
             frames = frames[k - 1:]  # the newest 4t - 3: Wan's first chunk is one frame
-        # [T, 3, H, W] -> Wan's [1, 3, T, H, W]; latents [1, 16, t, h, w] -> [16, t, h, w]
-        return {"latents": self.model.block_forward(frames.to(self.dtype).transpose(0, 1)[None], self.phase)[0]}
+        x = frames.to(self.dtype).transpose(0, 1)[None]  # [T, 3, H, W] -> Wan's [1, 3, T, H, W]
+        if self._encode is not None and torch.compiler.is_compiling():
+            return {"latents": self._regional(x)[0]}  # [1, 16, t, h, w] -> [16, t, h, w]
+        return {"latents": self.model.block_forward(x, self.phase)[0]}

@@ -210,11 +210,18 @@ def test_tiny_v2v_graph_streams_and_follows_the_camera(write_graph):
 
 
 @pytest.mark.slow  # compiles the tiny DiT's regions and the whole hot path
-def test_tiny_v2v_compiled_equals_eager_without_recompiles(write_graph):
+@pytest.mark.parametrize("encoder", ["taehv", "wan_vae"])
+def test_tiny_v2v_compiled_equals_eager_without_recompiles(write_graph, encoder):
     from reactor_graph.compile import CompiledHotPath
     from reactor_graph.loop import Engine
 
     path = v2v_tiny(write_graph)
+    if encoder == "wan_vae":  # the alternative as the declared encoder: its own regions, 2 phases
+        text = path.read_text()
+        old = "type: taehv_encoder\n    params: {width: 8, weights: random}"
+        assert text.count(old) == 1
+        path = write_graph(text.replace(old, "type: wan_vae_encoder\n    params: {dim: 4, weights: random}"),
+                           "wan_vae.yaml")
 
     def go(engine):
         out = [engine.run_block(0)["video"]]
@@ -230,9 +237,10 @@ def test_tiny_v2v_compiled_equals_eager_without_recompiles(write_graph):
     engine = Engine(load_plan(path), device="cpu", compile="compile", compile_backend="aot_eager").load()
     ex = engine.executor
     assert isinstance(ex, CompiledHotPath)
-    at_start = dict(ex.compiles)
+    at_start, regions = dict(ex.compiles), engine.nodes["encode"].region_compiles
+    assert regions == (2 if encoder == "wan_vae" else 0)
     compiled = go(engine)
-    assert ex.recompiles == 0 and ex.compiles == at_start
+    assert ex.recompiles == 0 and ex.compiles == at_start and engine.nodes["encode"].region_compiles == regions
     for a, b in zip(eager, compiled, strict=True):
         assert a.shape == b.shape and (a.to(torch.int16) - b.to(torch.int16)).abs().max() <= 1
 

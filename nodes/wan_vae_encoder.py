@@ -92,8 +92,8 @@ class WanVAEEncoderNode(Node):
             self._encode = compile(self.model.block_forward)  # `phase` is an int: one graph per phase
 
     @torch.compiler.disable
-    def _regional(self, x):
-        return self._encode(x, self.phase)
+    def _regional(self, x, phase: int):
+        return self._encode(x, phase)
 
     def forward(self, frames):
         t, k = frames.shape[0], self.model.t_downscale
@@ -104,5 +104,5 @@ class WanVAEEncoderNode(Node):
             frames = frames[k - 1:]  # the newest 4t - 3: Wan's first chunk is one frame
         x = frames.to(self.dtype).transpose(0, 1)[None]  # [T, 3, H, W] -> Wan's [1, 3, T, H, W]
         if self._encode is not None and torch.compiler.is_compiling():
-            return {"latents": self._regional(x)[0]}  # [1, 16, t, h, w] -> [16, t, h, w]
+            return {"latents": self._regional(x, self.phase)[0]}  # [1, 16, t, h, w] -> [16, t, h, w]
         return {"latents": self.model.block_forward(x, self.phase)[0]}

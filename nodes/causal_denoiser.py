@@ -14,6 +14,12 @@ the first step's level, x = (1 - sigma_0) * input + sigma_0 * noise, and runs th
 sigma_0 = shift(strength): 1 starts from pure noise (the input is not seen), smaller keeps more of the input.
 All `steps` steps run at any strength (one static program). Without `input` the node is the text-to-video
 denoiser unchanged (bit for bit).
+
+`strength` is live: the optional `strength` port (a float slot) overrides the param, and the SDEdit schedule's
+coefficients sit in a device tensor that `prepare` (the host half, before each block) rewrites in place when it
+changes, so a compiled or captured block samples with the new value from the next block, without a recompile.
+Each coefficient is the float32 rounding of the double a Python float would give: in float32 the tensor schedule
+computes what the Python floats did.
 """
 from __future__ import annotations
 
@@ -26,6 +32,13 @@ from torch import nn
 
 from reactor_graph.node import Node, Port, register
 from reactor_graph.weights import load_into
+
+
+def check_strength(value) -> float:
+    """A strength a command may write: a number in (0, 1] (ValueError otherwise, so the command is refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"strength must be a number in (0, 1], got {value!r}")
+    return float(value)
 
 
 def flow_sigmas(steps: int, shift: float, strength: float = 1.0) -> list[float]:
@@ -180,7 +193,9 @@ class CausalDenoiser(Node):
             {"cond": Port("tensor", "float", ("L", p.text_dim), "text embeddings [L, D]"),
              "noise": Port("tensor", "float", lat, "initial noise [C, T, h, w]"),
              "input": Port("tensor", "float", lat, "optional latents to start from (SDEdit, `strength`)",
-                           optional=True)},
+                           optional=True),
+             "strength": Port("float", description="optional live SDEdit strength in (0, 1] (default: the param); "
+                                                   "a new value applies from the next block", optional=True)},
             {"latents": Port("tensor", "float", lat, "denoised block [C, T, h, w]")},
         )
 
@@ -204,7 +219,27 @@ class CausalDenoiser(Node):
         self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
         self.sigmas = flow_sigmas(p.steps, p.shift) + [0.0]
-        self.input_sigmas = flow_sigmas(p.steps, p.shift, p.strength) + [0.0]
+        # [sigma_0..sigma_{S-1}, 1 - sigma_0, sigma_{i+1} - sigma_i for each step], rewritten in place by prepare
+        self.input_schedule = torch.tensor(self._input_coefficients(p.strength), device=device)
+        self.strength_now = p.strength
+
+    def _input_coefficients(self, strength: float) -> list[float]:
+        s = flow_sigmas(self.params.steps, self.params.shift, strength) + [0.0]
+        return [*s[:-1], 1.0 - s[0], *(b - a for a, b in zip(s[:-1], s[1:]))]
+
+    def check_input(self, port, value):
+        if port == "strength":
+            check_strength(value)
+        return None
+
+    def prepare(self, strength: float | None = None):
+        """Host half, before every block: a new `strength` (the port, else the param) rewrites the SDEdit
+        schedule in place; the next block samples with it."""
+        s = self.params.strength if strength is None else check_strength(strength)
+        if s != self.strength_now:
+            with torch.no_grad():
+                self.input_schedule.copy_(torch.tensor(self._input_coefficients(s)))
+            self.strength_now = s
 
     def reset(self):
         self.cache_k.zero_()
@@ -226,14 +261,17 @@ class CausalDenoiser(Node):
         first_frame = phase * p.frames_per_block
         text = cond[None]
         x = noise[None]  # [1, C, T, h, w]
-        sigmas = self.sigmas
-        if input is not None:
-            sigmas = self.input_sigmas
-            x = (1.0 - sigmas[0]) * input[None].to(x.dtype) + sigmas[0] * x
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            sigma = torch.full((1,), s, device=x.device)
-            flow, _, _ = self.model(x, sigma, text, first_frame, self.cache_k, self.cache_v, n_cached)
-            x = x + (s_next - s) * flow  # Euler step of the flow ODE; flow = noise - clean
+        if input is None:
+            for s, s_next in zip(self.sigmas[:-1], self.sigmas[1:]):
+                sigma = torch.full((1,), s, device=x.device)
+                flow, _, _ = self.model(x, sigma, text, first_frame, self.cache_k, self.cache_v, n_cached)
+                x = x + (s_next - s) * flow  # Euler step of the flow ODE; flow = noise - clean
+        else:  # the same steps on the live schedule's tensor (float32, so a low-precision x rounds only the step)
+            c, n = self.input_schedule, p.steps
+            x = (c[n] * input[None].float() + c[0] * x.float()).to(x.dtype)
+            for i in range(n):
+                flow, _, _ = self.model(x, c[i:i + 1], text, first_frame, self.cache_k, self.cache_v, n_cached)
+                x = x + (c[n + 1 + i] * flow.float()).to(x.dtype)
         # The clean pass: keys/values of the denoised block at t=0 become context for later blocks.
         _, k, v = self.model(x, torch.zeros(1, device=x.device), text, first_frame, self.cache_k, self.cache_v,
                              n_cached)

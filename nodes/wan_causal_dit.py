@@ -115,6 +115,13 @@ def wan_config(name: str, layers: int | None = None):
 
 
 
+def check_strength(value) -> float:
+    """A strength a command may write: a number in (0, 1] (ValueError otherwise, so the command is refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"strength must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
 @register("wan_causal_dit")
 class WanCausalDiT(Node):
     description = ("Wan2.1 block-causal few-step DiT with a static KV cache (Self-Forcing, CausVid, LongLive): "
@@ -218,7 +225,9 @@ class WanCausalDiT(Node):
             {"cond": Port("tensor", "float", ("L", c.text_dim), f"T5 features [L <= {c.text_len}, {c.text_dim}]"),
              "noise": Port("tensor", "float", (c.in_dim, nt, *p.latent_size), desc),
              "input": Port("tensor", "float", (c.in_dim, t, *p.latent_size),
-                           "optional latents [C, T, h, w] to start from (SDEdit, `strength`)", optional=True)},
+                           "optional latents [C, T, h, w] to start from (SDEdit, `strength`)", optional=True),
+             "strength": Port("float", description="optional live SDEdit strength in (0, 1] (default: the param); "
+                                                   "a new value applies from the next block", optional=True)},
             {"latents": Port("tensor", "float", (c.out_dim, t, *p.latent_size), "clean latent block [C, T, h, w]")},
         )
 
@@ -275,10 +284,11 @@ class WanCausalDiT(Node):
                              dtype=dtype, device=device)
         schedule = FlowMatchSchedule(denoising_steps=self.timesteps, shift=p.shift, warp=p.warp)
         self.gen = BlockCausalWan(self.model, self.cache, schedule, context_noise=p.context_noise)
-        # video-to-video (input bound): the same sampler over timesteps scaled by `strength`
-        in_schedule = FlowMatchSchedule(denoising_steps=tuple(p.strength * t for t in self.timesteps),
-                                        shift=p.shift, warp=p.warp)
-        self.gen_input = BlockCausalWan(self.model, self.cache, in_schedule, context_noise=p.context_noise)
+        # video-to-video (input bound): the same sampler over timesteps scaled by `strength`, its coefficients on
+        # the device (live) so a new strength is a copy into them (prepare), never a recompile or a recapture
+        self.strength_now = p.strength
+        self.gen_input = BlockCausalWan(self.model, self.cache, self._input_schedule(p.strength),
+                                        context_noise=p.context_noise, live=True)
         self.phases = self.cache.phases()
         assert len(self.phases) == self.num_base_phases(), (len(self.phases), self.num_base_phases())
         self.out = torch.zeros(1, cfg.out_dim, p.frames_per_block, *p.latent_size, device=device, dtype=dtype)
@@ -286,6 +296,29 @@ class WanCausalDiT(Node):
     def reset(self):
         if self.params.swap_into is None:
             self.cache.reset_()
+
+    # -- strength (a live slot) ---------------------------------------------------------------------------
+    def _input_schedule(self, strength: float):
+        from reactor_graph.models.wan_dit import FlowMatchSchedule
+
+        p = self.params
+        return FlowMatchSchedule(denoising_steps=tuple(strength * t for t in self.timesteps), shift=p.shift,
+                                 warp=p.warp)
+
+    def check_input(self, port, value):
+        if port == "strength":
+            check_strength(value)
+        return None
+
+    def prepare(self, strength: float | None = None):
+        """Host half, before every block: a new `strength` (the port, else the param) rewrites the SDEdit schedule
+        in place on the device; the next block samples with it."""
+        if self.params.swap_into is not None:
+            return  # an in-place alternative never runs itself
+        s = self.params.strength if strength is None else check_strength(strength)
+        if s != self.strength_now:
+            self.gen_input.use_schedule(self._input_schedule(s))
+            self.strength_now = s
 
     # -- LoRA -------------------------------------------------------------------------------------------
     def _read_lora(self):

@@ -40,7 +40,7 @@ MAX_IMAGE_PIXELS = 4096 * 4096  # checked from the header, before anything is de
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP", "image/gif": "GIF",
                "image/bmp": "BMP"}
 STALE_SECONDS = 1.0  # no frame for this long: the slot shows its default again
-BUFFER_FRAMES = 4  # newest frames kept per track
+BUFFER_FRAMES = 4  # newest frames kept per track (at least the slot's `frames`, which a block reads at once)
 
 
 class ImageError(ValueError):
@@ -325,7 +325,8 @@ class InputFeeds:
     def __init__(self, slots: dict[str, Any], device: torch.device, dtype: torch.dtype,
                  stale_seconds: float = STALE_SECONDS):
         self.device, self.dtype, self.stale_seconds = device, dtype, stale_seconds
-        self.feeds = {n: VideoFeed(n, s) for n, s in slots.items() if s.type == "video"}
+        self.feeds = {n: VideoFeed(n, s, LatestFrames(max(BUFFER_FRAMES, slot_shape(s)[0])))
+                      for n, s in slots.items() if s.type == "video"}
         self.images = [n for n, s in slots.items() if s.type == "image"]
         self._image_bufs: dict[str, tuple[int, torch.Tensor]] = {}
 

@@ -145,6 +145,18 @@ def test_image_decoder_limits():
     assert decode_base64_image(base64.b64encode(png(4, 4)).decode()).rgb.shape == (4, 4, 3)
 
 
+def test_a_many_frame_slot_reads_that_many_distinct_frames(tiny_engine):
+    """A video slot of `frames: T` (StreamDiffusionV2's 12) gets the T newest camera frames, oldest first: the
+    buffer keeps at least T (it used to keep 4 and pad the rest with copies of the oldest)."""
+    e = tiny_engine(CAMERA.replace("fps: 30}", "fps: 30, frames: 12}"))
+    for i in range(14):
+        e.inputs.feed("camera", yuv(16, 24, 16 + 10 * i))
+    video = e.run_block(0)["video"]  # rgb24 [12, 16, 24, 3]
+    assert video.shape[0] == 12
+    levels = video.float().mean(dim=(1, 2, 3))
+    assert all(b > a + 5 for a, b in zip(levels, levels[1:])), levels  # frames 2..13 in order, none repeated
+
+
 def test_latest_frames_is_bounded():
     buf = LatestFrames(capacity=3)
     for i in range(10):

@@ -715,25 +715,56 @@ class BlockCausalWan:
     """The model + its cache + the sampler: block-causal, few-step generation with static shapes.
 
     Per block: `generate_block(noise, context, phase)`; or, piece by piece, `cache.roll_()` (rolling phase),
-    `denoise_step` x num_steps, `write_cache`. All offsets come from `phase` (Python ints)."""
+    `denoise_step` x num_steps, `write_cache`. All offsets come from `phase` (Python ints).
+
+    `live`: the sampler's coefficients (sigmas, 1 - sigma) are device tensors instead of Python floats, so
+    `use_schedule` can switch to another schedule of as many steps between blocks (SDEdit's strength) by copying
+    into them: compiled code and captured graphs read the new values, nothing recompiles. Each coefficient is the
+    float32 rounding of the same double a Python float would give, so in float32 both forms compute the same."""
 
     def __init__(self, model: WanDiT, cache: KVCache, schedule: FlowMatchSchedule | None = None,
-                 context_noise: float = 0.0):
+                 context_noise: float = 0.0, live: bool = False):
         self.model = model
         self.cache = cache
         self.schedule = schedule or FlowMatchSchedule()
         self.context_noise = float(context_noise)
+        self.live = live
         dev = cache.device
         b, f = cache.batch_size, cache.frames_per_block
         # timesteps live on the device once; each step reads a [B, F] expanded view (no allocation)
         self._t = torch.tensor(self.schedule.timesteps, dtype=torch.float32, device=dev)
         self._t_ctx = torch.full((1,), self.context_noise, dtype=torch.float32, device=dev)
         self._bf = (b, f)
-        self._sig = self.schedule.sigmas
-        self._sig_next = self.schedule.next_sigmas
+        coef = self._coefficients(self.schedule)
+        if live:
+            n = self.schedule.num_steps
+            self._coef = torch.tensor(coef, dtype=torch.float32, device=dev)  # [3n + 1], rewritten in place
+            self._sig, self._sig_next, self._keep_next = (self._coef[i * n:(i + 1) * n] for i in range(3))
+            self._keep0 = self._coef[3 * n]
+        else:
+            n = self.schedule.num_steps
+            self._sig, self._sig_next, self._keep_next = (coef[i * n:(i + 1) * n] for i in range(3))
+            self._keep0 = coef[3 * n]
         # entered around the re-cache pass; a caller that compiles the per-block pieces for the block's shape
         # can run the re-cache (another token count, once per prompt switch) plain instead of compiling it too
         self.recache_scope = contextlib.nullcontext
+
+    @staticmethod
+    def _coefficients(schedule: FlowMatchSchedule) -> list[float]:
+        """sigma_i, sigma_{i+1}, 1 - sigma_{i+1} for every step, then 1 - sigma_0 (SDEdit's start)."""
+        sig, nxt = schedule.sigmas, schedule.next_sigmas
+        return [*sig, *nxt, *(1 - s for s in nxt), 1.0 - sig[0]]
+
+    def use_schedule(self, schedule: FlowMatchSchedule) -> None:
+        """Sample with `schedule` (as many steps) from the next block on, in place (needs `live`)."""
+        if not self.live:
+            raise RuntimeError("use_schedule needs a BlockCausalWan built with live=True")
+        if schedule.num_steps != self.schedule.num_steps:
+            raise ValueError(f"a live schedule keeps its {self.schedule.num_steps} steps, got {schedule.num_steps}")
+        with torch.no_grad():
+            self._coef.copy_(torch.tensor(self._coefficients(schedule), dtype=torch.float32))
+            self._t.copy_(torch.tensor(schedule.timesteps, dtype=torch.float32))
+        self.schedule = schedule
 
     def phases(self) -> list[Phase]:
         return self.cache.phases()
@@ -760,8 +791,7 @@ class BlockCausalWan:
 
     def renoise(self, x0: torch.Tensor, noise: torch.Tensor, step: int) -> torch.Tensor:
         """x_t for step+1 from the x0 prediction of `step`."""
-        s = self._sig_next[step]
-        return (1 - s) * x0 + s * noise.float()
+        return self._keep_next[step] * x0 + self._sig_next[step] * noise.float()
 
     @torch.no_grad()
     def write_cache(self, x0: torch.Tensor, phase: Phase, context: torch.Tensor | None = None) -> None:
@@ -808,7 +838,7 @@ class BlockCausalWan:
         per_step = noise.dim() == 6
         x = (noise[0] if per_step else noise).float()
         if start is not None:
-            x = (1.0 - self._sig[0]) * start.float() + self._sig[0] * x
+            x = self._keep0 * start.float() + self._sig[0] * x
         x0 = x
         steps = self.schedule.num_steps
         for i in range(steps):

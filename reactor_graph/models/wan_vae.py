@@ -121,9 +121,9 @@ class CausalConv3d(nn.Conv3d):
 
     cache: torch.Tensor | None
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, padding=0):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, padding=0, stride=1):
         pt, ph, pw = _triple(padding)
-        super().__init__(in_channels, out_channels, kernel_size, padding=(0, ph, pw))
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=(0, ph, pw))
         self.time_pad = 2 * pt
         self.register_buffer("cache", None, persistent=False)
 

@@ -9,6 +9,13 @@ there, with today's `queue` messages: the number of sessions that must end befor
 because its media can only come from the process that answered its offer (the SDK neither waits more than
 ~12 s for an answer nor renegotiates by itself, so a client cannot be parked elsewhere and moved).
 
+Uploads (the SDK's `uploadFile`) follow their session: `POST /sessions/{id}/uploads` goes to the session's replica and
+the presigned PUT address in its answer is rewritten to the front's own (a replica's address is not the client's to
+reach), so the PUT comes here too and is relayed to the same replica, its declared size bounded here before a byte
+is read. The follow-ups (`fileUploaded`, the command that names the FileRef) ride the data channel, which is the
+replica's already. The replica's refusals come back as they are, reason phrase included (the SDK shows only the
+status line).
+
 `/health` and `/metrics` aggregate the replicas. A replica that stops answering gets no new sessions; one
 that comes back as another instance (Ray restarted it) has lost its sessions, which end with the reason
 (their session routes answer 404 with it). The front refuses `start_session` with 503 when no replica is
@@ -31,6 +38,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from ..inputs import MAX_IMAGE_BYTES
 from ..server import rtc_guards
 from ..server.access import AccessPolicy
 from ..server.app import _text_error, build_app
@@ -65,8 +73,9 @@ class Backend:
 
 class Front:
     def __init__(self, pool: Any, access: AccessPolicy | None = None, model: str = "",
-                 poll_interval: float = 0.25, status_timeout: float = 3.0):
+                 poll_interval: float = 0.25, status_timeout: float = 3.0, max_upload_bytes: int = MAX_IMAGE_BYTES):
         self.pool = pool
+        self.max_upload_bytes = max_upload_bytes  # a PUT body larger than this is refused unread (the replicas' own)
         self.access = access or AccessPolicy()
         self.model = model
         self.poll_interval = poll_interval
@@ -84,13 +93,12 @@ class Front:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def _build(self) -> web.Application:
-        # a session's own routes go to its replica as they are (an upload's PUT goes to the replica directly:
-        # the presigned_url it hands out names the replica)
+        # a session's own routes go to its replica as they are; uploads too, their PUT address made the front's
         return build_app(self.access, self.metrics, {
             "start_session": self.start_session, "stop_session": self.stop_session,
-            "ice_servers": self.relay, "sdp_offer": self.relay, "sdp_answer": self.relay, "uploads": self.relay,
-            "health": self.health, "metrics": self.prometheus, "api_commands": self.api_commands,
-            "index": self.index})
+            "ice_servers": self.relay, "sdp_offer": self.relay, "sdp_answer": self.relay, "uploads": self.uploads,
+            "upload_put": self.upload_put, "health": self.health, "metrics": self.prometheus,
+            "api_commands": self.api_commands, "index": self.index})
 
     async def start(self, host: str = "127.0.0.1", port: int = 8080) -> str:
         self.access.bind = host
@@ -186,12 +194,18 @@ class Front:
     # -- relaying ------------------------------------------------------------------------------------------
     async def _forward(self, b: Backend, method: str, path: str, request: web.Request, body: bytes | None,
                        internal: bool = False) -> tuple[int, bytes, str]:
+        status, data, ctype, _ = await self._forward_full(b, method, path, request, body, internal)
+        return status, data, ctype
+
+    async def _forward_full(self, b: Backend, method: str, path: str, request: web.Request, body: bytes | None,
+                            internal: bool = False) -> tuple[int, bytes, str, str | None]:
+        """The replica's answer: status, body, content type and reason phrase."""
         headers = {k: request.headers[k] for k in FORWARD_HEADERS if k in request.headers}
         if internal:
             headers["Authorization"] = f"Bearer {self.pool.token}"
             headers[REMOTE_HEADER] = request.remote or ""
         async with self.http.request(method, b.url + path, data=body, headers=headers) as r:
-            return r.status, await r.read(), r.content_type
+            return r.status, await r.read(), r.content_type, r.reason
 
     def _relay_error(self, b: Backend, exc: Exception) -> web.Response:
         self.metrics.inc("relay_errors_total", replica=str(b.index))
@@ -244,25 +258,80 @@ class Front:
         self.sessions.pop(session_id, None)
         return web.Response(status=status, body=data, content_type=ctype)
 
-    async def relay(self, request: web.Request) -> web.Response:
-        """A session's own routes: to its replica, as they are."""
+    def _owner(self, request: web.Request) -> Backend | web.Response:
+        """The replica serving the request's session, or the 404 to answer."""
         sid = request.match_info["session_id"]
         bound = self.sessions.get(sid)
         if bound is None or not self.backends[bound[0]].url:
             self.metrics.inc("http_errors_total", route="unknown_session")
             why = self.ended.get(sid)
             return _text_error(404, "unknown or ended session" + (f": {why}" if why else ""))
-        b = self.backends[bound[0]]
-        path = request.path
+        return self.backends[bound[0]]
+
+    @staticmethod
+    def _replica_path(request: web.Request) -> str:
         token = request.match_info.get("token")
-        if token is not None:
-            path = path.removeprefix(f"/auth/{token}")
+        return request.path.removeprefix(f"/auth/{token}") if token is not None else request.path
+
+    async def relay(self, request: web.Request) -> web.Response:
+        """A session's own routes: to its replica, as they are."""
+        b = self._owner(request)
+        if isinstance(b, web.Response):
+            return b
         body = await request.read() if request.can_read_body else None
         try:
-            status, data, ctype = await self._forward(b, request.method, path, request, body)
+            status, data, ctype = await self._forward(b, request.method, self._replica_path(request), request, body)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return self._relay_error(b, exc)
         return web.Response(status=status, body=data, content_type=ctype)
+
+    async def uploads(self, request: web.Request) -> web.Response:
+        """uploadFile, step 1, at the session's replica; the PUT address it answers becomes the front's."""
+        b = self._owner(request)
+        if isinstance(b, web.Response):
+            return b
+        body = await request.read() if request.can_read_body else None
+        try:
+            status, data, ctype, reason = await self._forward_full(b, "POST", self._replica_path(request), request,
+                                                                   body)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return self._relay_error(b, exc)
+        if status != 200:
+            return web.Response(status=status, reason=reason, body=data, content_type=ctype)
+        try:
+            slot = json.loads(data)
+            upload_id = slot["presigned_id"]
+            if not isinstance(upload_id, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", upload_id):
+                raise ValueError(upload_id)
+        except (ValueError, KeyError, TypeError):
+            return _text_error(502, f"replica {b.index} answered the upload with something else than a slot")
+        token = request.match_info.get("token")
+        base = f"{request.scheme}://{request.host}" + (f"/auth/{token}" if token else "")
+        slot["presigned_url"] = f"{base}/sessions/{request.match_info['session_id']}/uploads/{upload_id}"
+        return web.json_response(slot)
+
+    async def upload_put(self, request: web.Request) -> web.Response:
+        """uploadFile, step 2: the bytes, bounded here, to the session's replica (which checks them)."""
+        b = self._owner(request)
+        if isinstance(b, web.Response):
+            return b
+        limit = self.max_upload_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return web.Response(status=413, reason=f"the file is larger than {limit} bytes",
+                                text=f"the file is {request.content_length} bytes; at most {limit} are accepted",
+                                content_type="text/plain")
+        data = bytearray()
+        while chunk := await request.content.read(64 * 1024):
+            data += chunk
+            if len(data) > limit:
+                return web.Response(status=413, reason=f"the file is larger than {limit} bytes",
+                                    text=f"the body is larger than {limit} bytes", content_type="text/plain")
+        try:
+            status, body, ctype, reason = await self._forward_full(b, "PUT", self._replica_path(request), request,
+                                                                   bytes(data))
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return self._relay_error(b, exc)
+        return web.Response(status=status, reason=reason, body=body, content_type=ctype)
 
     # -- aggregated ----------------------------------------------------------------------------------------
     def _replicas(self) -> list[dict]:

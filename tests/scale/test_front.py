@@ -169,3 +169,105 @@ def test_replicas_without_ray_says_how_to_install(monkeypatch):
     result = CliRunner().invoke(app, ["run", "--replicas", "2"])
     assert result.exit_code != 0
     assert "reactor-graph[scale]" in result.output
+
+
+CAMERA = """\
+reactor-graph: 1
+name: camera
+size: [32, 32]
+fps: 16
+device: cpu
+slots:
+  camera: {type: video, size: [32, 32]}
+commands:
+  set_image:
+    params: {image: {type: image}}
+    set: {camera: $image}
+nodes:
+  out:
+    type: emit
+    in: {frames: $slots.camera}
+"""
+
+
+def _png(w, h, colour) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _luma(frame) -> float:
+    return float(frame.to_ndarray(format="yuv420p")[: frame.height].mean())
+
+
+@pytest.fixture
+def camera_front(tiny_engine):
+    from reactor_graph.scale.front import Front, LocalPool
+    from reactor_graph.scale.replica import ReplicaServer
+
+    replicas = [ReplicaServer(tiny_engine(CAMERA), "secret", index=i, ping_timeout=15, connect_timeout=15).start()
+                for i in range(2)]
+    front = FrontThread(Front(LocalPool(replicas, "secret"), model="camera", max_upload_bytes=200_000)).start()
+    yield front, replicas
+    front.stop()
+    for r in replicas:
+        r.stop()
+
+
+def test_uploads_go_through_the_front_to_the_sessions_replica(camera_front):
+    """uploadFile as the SDK makes it, against the front: the slot's PUT address is the front's, the PUT reaches the
+    replica that serves the session, the FileRef command sets the picture; a refusal keeps its reason; a body over
+    the front's bound is refused before it is read; another session's upload id is unknown there."""
+    front, replicas = camera_front
+
+    async def upload(http, sid, data, mime="image/png", size=None, put_to=None):
+        async with http.post(f"{front.url}/sessions/{sid}/uploads",
+                             json={"name": "a.png", "size": len(data) if size is None else size,
+                                   "mime_type": mime}) as r:
+            if r.status != 200:
+                return r.status, r.reason, None
+            slot = await r.json()
+        assert slot["presigned_url"] == f"{front.url}/sessions/{sid}/uploads/{slot['presigned_id']}"
+        url = put_to(slot) if put_to else slot["presigned_url"]
+        async with http.put(url, data=data, headers={"Content-Length": str(len(data))}) as r:
+            return r.status, r.reason, slot["presigned_id"]
+
+    async def scenario():
+        async with SdkClient(front.url) as a, SdkClient(front.url) as b, aiohttp.ClientSession() as http:
+            for c in (a, b):
+                await c.connect()
+                await c.wait_message("runtime", "sessionStarted")
+            sa, sb = a.session["session_id"], b.session["session_id"]
+            where = {sid: i for sid, (i, _) in front.front.sessions.items()}
+            assert where[sa] != where[sb]
+            owner, other = replicas[where[sa]], replicas[where[sb]]
+            status, _, upload_id = await upload(http, sa, _png(48, 48, (255, 255, 255)))
+            assert status == 200
+            assert owner.server.manager.uploads.get(sa, upload_id).complete  # it landed on the session's replica
+            assert sa not in other.server.manager.uploads.sessions
+            a.send("runtime", "fileUploaded", {"upload_id": upload_id, "name": "a.png", "mime_type": "image/png",
+                                               "size": 1})
+            a.channel.send('{"scope":"application","data":{"type":"set_image","data":{},"uploads":{"image":'
+                           f'{{"upload_id":"{upload_id}","name":"a.png","mime_type":"image/png","size":1}}}}}}}}')
+            await a.wait_message("application", "commandResult", where=lambda d: d["ok"])
+            n = len(a.frames)
+            await a.wait_for(lambda: any(_luma(f) > 200 for _, f in a.frames[n:]), 10, "the uploaded image")
+            # the replica's refusal, reason phrase and all
+            status, reason, _ = await upload(http, sa, b"<svg>" * 10)
+            assert status == 415 and "not a PNG" in reason
+            assert (await upload(http, sa, b"x", mime="text/html"))[0] == 415
+            # larger than the front's bound: refused at the front (the replica would take 10 MB)
+            big = _png(8, 8, (1, 2, 3)) + bytes(300_000)
+            status, reason, _ = await upload(http, sa, big)
+            assert status == 413 and "200000" in reason
+            # a's upload id under b's session: not b's
+            status, _, slot_id = await upload(http, sb, _png(8, 8, (9, 9, 9)), put_to=lambda s: (
+                f"{front.url}/sessions/{sb}/uploads/{upload_id}"))
+            assert status == 404 and slot_id is not None
+            async with http.put(f"{front.url}/sessions/nope/uploads/{upload_id}", data=b"x") as r:
+                assert r.status == 404
+    run(scenario(), 120)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -84,12 +85,40 @@ def _fail(exc: BaseException, code: int):
     raise typer.Exit(code)
 
 
-def _progress(status):
-    """Progress messages: the spinner's text on a terminal; without one (a log, CI), plain lines with the
-    time since the command started, so minutes of compiling are never silent."""
-    if console.is_terminal:
-        return lambda msg: status.update(f"[cyan]{msg}")
-    return lambda msg: console.print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", highlight=False, markup=False)
+HEARTBEAT_S = 20.0  # without a terminal, a step running longer than this says it is still running
+
+
+@contextmanager
+def _progress(label: str):
+    """Progress messages of a long step: the spinner's text on a terminal; without one (a log, CI), plain lines
+    with the time since the command started, and a line every HEARTBEAT_S while one message's step goes on (a
+    compile can run for minutes inside one step), so it is never silent."""
+    with console.status(label) as status:
+        if console.is_terminal:
+            yield lambda msg: status.update(f"[cyan]{msg}")
+            return
+        now = [label, time.perf_counter()]
+        done = threading.Event()
+
+        def line(msg: str) -> None:
+            console.print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", highlight=False, markup=False)
+
+        def beat() -> None:
+            while not done.wait(HEARTBEAT_S):
+                msg, since = now
+                line(f"still {msg} ({time.perf_counter() - since:.0f}s)")
+
+        def say(msg: str) -> None:
+            now[:] = [msg, time.perf_counter()]
+            line(msg)
+
+        ticker = threading.Thread(target=beat, name="reactor-graph-heartbeat", daemon=True)
+        ticker.start()
+        try:
+            yield say
+        finally:
+            done.set()
+            ticker.join()
 
 
 def is_manifest(path: str) -> bool:
@@ -127,9 +156,9 @@ def _open(graph: str, device, dtype, compile, random_weights: bool = False, weig
             console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
         return host
     plan = _plan(graph, random_weights)
-    with console.status("loading") as status:
+    with _progress("loading") as say:
         engine = Engine(plan, device=device, dtype=dtype, compile=compile, start=start)
-        engine.load(progress=_progress(status))
+        engine.load(progress=say)
     return engine
 
 
@@ -333,13 +362,12 @@ def bench(graph: Optional[str] = GRAPH_ARG,
         engine = _open(graph or str(demo_path()), device, dtype, "eager", random_weights)
         modes = modes or default_modes(engine.device)
         probes: dict = {}
-        with console.status("benchmarking") as status:
-            report = run_bench(engine, modes, blocks, warmup, progress=_progress(status), switch=switch,
-                               probes=probes)
+        with _progress("benchmarking") as say:
+            report = run_bench(engine, modes, blocks, warmup, progress=say, switch=switch, probes=probes)
             if swap:
                 from .bench import swap_scenario
 
-                report["swaps"] = swap_scenario(engine, progress=_progress(status))
+                report["swaps"] = swap_scenario(engine, progress=say)
         print_bench(report)
         if json_out:
             json_out.write_text(json.dumps(report, indent=2))
@@ -547,8 +575,8 @@ def _start_trace(engine, path: Path, keep: int):
     if not hasattr(engine, "use_probe"):
         raise CommandError("run", "--trace needs a graph (a wrapped Reactor model is one opaque loop)", "trace")
     probe = Probe(engine.device, keep=keep)
-    with console.status("preparing the traced hot path") as status:
-        engine.use_probe(probe, progress=_progress(status))
+    with _progress("preparing the traced hot path") as say:
+        engine.use_probe(probe, progress=say)
     tracks.TRACE = deque(maxlen=keep * 64)
     return probe
 

@@ -141,3 +141,20 @@ def test_port_in_use_is_refused_before_loading(write_graph, tiny_yaml):
         res = runner.invoke(app, ["run", str(write_graph(tiny_yaml)), "--port", str(port), "--max-seconds", "1"])
     _clear(res, f"port {port} on 127.0.0.1 is already in use")
     assert "loading" not in res.output
+
+
+def test_a_long_step_without_a_terminal_says_it_is_still_running(monkeypatch, capsys):
+    import time
+
+    from reactor_graph import cli
+
+    monkeypatch.setattr(cli, "HEARTBEAT_S", 0.05)
+    with cli._progress("loading") as say:
+        say("compiling phase 1 of the hot path (1/4)")
+        time.sleep(0.3)  # one step that takes long: a compile
+        say("compiling phase 2 of the hot path (2/4)")
+    text = capsys.readouterr()
+    text = text.out + text.err
+    assert "compiling phase 1 of the hot path (1/4)" in text
+    assert "still compiling phase 1 of the hot path (1/4)" in text  # said again while it ran
+    assert text.count("still compiling phase 2") <= 1  # and the heartbeat stops with the step

@@ -109,6 +109,9 @@ def test_swap_to_a_node_loaded_on_demand(tiny_engine):
 def test_tiered_hot_path_swap_serves_at_once_and_swapping_back_reuses_the_compiled_tier(tiny_engine):
     """With a tiered start a hot-path swap waits for no compile (the new node serves eagerly while its compiled
     tier builds), and the session's end swaps back to the executor already built for the declared nodes."""
+    import torch
+
+    torch._dynamo.reset()  # compiled code of earlier tests' segments must not be found again: compiles are counted
     engine = engine_for(tiny_engine, compile="compile", compile_backend="aot_eager", start="tiered")
     declared = engine.executor
     assert declared.wait(120)

@@ -25,6 +25,17 @@ def run(engine, blocks, on_index=None):
     return out
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Dynamo keeps compiled code per code object for the whole process: an earlier test's compile of the same
+    segment would be found again, and these tests count what the compiled tier itself compiles."""
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
+    yield
+
+
 @pytest.fixture
 def gated_backend(monkeypatch):
     """The background compile waits on `release` (so a test sees serving start before it is ready)."""

@@ -466,6 +466,8 @@ class Settings:
         self.rollout_pixel = args.rollout_pixel
         self.rollout_pos = args.rollout_pos
         self.rollout_align_px = args.rollout_align_px
+        self.rollout_renoise = args.rollout_renoise
+        self.rollout_flow = args.rollout_flow
         probs = [float(v) for v in args.rollout_step_probs.split(",")] if args.rollout_step_probs else [1.0] * cfg["steps"]
         if len(probs) != cfg["steps"] or min(probs) < 0 or sum(probs) <= 0:
             raise SystemExit(f"--rollout-step-probs needs {cfg['steps']} non-negative weights, got {probs}")
@@ -751,11 +753,17 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
     with gradient, from the state the model's own no-grad chain reached (the cache, written with no gradient,
     is the model's own). The target, where Self-Forcing has a teacher's score (DMD), is an expert that knows
     what the frame must show, the data generator: it reads where the model's last frame put the shape
-    (decoded, circular centroid; the expert's own place when the model's frame has no shape) and renders the
-    next block from there with the session's current prompt. So the model learns to continue its own picture
+    (decoded, circular centroid; the centre when the model's frame has no shape, as at a session's start) and
+    renders the next block from there with the session's current prompt. So the model learns to continue its own picture
     cleanly: keep the shape whole, move it on, wrap it round the edge, bring a lost shape back, take a new
     prompt at once. A teacher-forced batch rides along (weight `rollout_tf`) so the clean pass that writes
     the cache keeps being trained.
+
+    With `rollout_renoise`, that share of sessions trains instead on the expert's block noised afresh at a
+    sampled level, by flow matching as stage 2 does, but with the pool's cache, the model's own stream, as
+    context: the denoising the sampler needs stays that of a flow model (a chain step's target is not the
+    posterior of its input, and the second run lost its denoising, teacher-forcing loss 0.03 -> 0.18), while
+    the context is what a long stream gives it.
 
     The loss on that step's x0 estimate: latent MSE against the expert's encoded block (`rollout_latent`,
     the shape's latents 5x), a pixel loss through the frozen decoder (`rollout_pixel`: the frame is what is
@@ -778,7 +786,8 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
     step_probs = torch.tensor(st.rollout_step_probs, device=device)
     say(f"rollouts: a pool of {b} streaming sessions, one block each a step, sessions {lo}-{hi} blocks long, "
         f"switch p {st.rollout_switch} a block, lr {st.rollout_lr}, teacher-forced batch {st.rollout_tf_batch}; "
-        f"loss latent {st.rollout_latent} pixel {st.rollout_pixel} pos {st.rollout_pos}, align "
+        f"renoised share {st.rollout_renoise}; loss latent {st.rollout_latent} flow {st.rollout_flow} pixel "
+        f"{st.rollout_pixel} pos {st.rollout_pos}, align "
         f"{st.rollout_align_px} px, step odds {[round(v, 3) for v in st.rollout_step_probs]}")
     # A fresh optimizer: the teacher-forcing stage's second moments are those of its small late gradients, so
     # Adam would take steps many times the learning rate on the rollouts' larger ones (the first run here did,
@@ -815,6 +824,7 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
     life = [rng.randint(1, hi) for _ in range(b)]  # the first lives staggered, so starts are spread out
     last_switch = [-10] * b
     pos = torch.tensor([[w / 2, h / 2]], device=device).repeat(b, 1)
+    lost = torch.zeros(b, dtype=torch.bool, device=device)  # the session's last frame had no shape
     centre0 = torch.tensor([[w / 2, h / 2]], device=device)
     wh = torch.tensor([float(w), float(h)], device=device)
     frame_steps = torch.arange(fpb, device=device, dtype=torch.float32)[None, :, None]  # [1, T, 1]
@@ -822,7 +832,7 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
     def advance(train: bool):
         """One block of every session; returns (per-session loss terms or None, shape-found [B], distance [B]
         of the model's shape from where the motion says)."""
-        nonlocal ids, pos
+        nonlocal ids, pos, lost
         restart = []
         for i in range(b):  # session ends and prompt switches (a user editing the prompt)
             if age[i] >= life[i]:
@@ -848,7 +858,10 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
         bgi = torch.tensor([data.NAMES["background"].index(a["background"]) for a in attrs], device=device)
         bg = bg_tab[bgi]
         vel = vel_tab[mi]  # [B, 2] px a frame
-        want0 = torch.where(start_now[:, None], centre0, (pos + vel) % wh)  # where the motion says frame 0 is
+        # Where frame 0 must show the shape: moved on from where the model's last frame had it; a fresh session
+        # or one whose last frame lost it draws it at the centre, as a session with nothing before it does (a
+        # place the model can tell from its context: the expert's own tracking of a lost shape it cannot).
+        want0 = torch.where((start_now | lost)[:, None], centre0, (pos + vel) % wh)
         cache.begin_block()
         terms = None
         with autocast(device):
@@ -859,16 +872,28 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
                 block = chain[-1]
                 own = decode(block)  # [B, T, 3, H, W]: the model's own frames
                 got0, found0 = shape_centres(own[:, 0], bg, want0, with_ok=True)
-                start = expert_start(want0, got0, found0, st.rollout_align_px, size)
+                # sessions whose step is the expert's block noised afresh (flow matching on the model's own
+                # context), the others a step of the model's own chain (Self-Forcing)
+                renoise = torch.rand(b, device=device) < st.rollout_renoise
+                start = torch.where(renoise[:, None], want0,
+                                    expert_start(want0, got0, found0, st.rollout_align_px, size))
             frames, alpha, centre = data.render([[a] for a in attrs], fpb, size, start, device)
             if train:
                 target = encode(frames)
                 j = torch.multinomial(step_probs, b, replacement=True)  # the step that gets the gradient
                 x_j = torch.stack(chain[:steps])[j, torch.arange(b, device=device)]
                 sig = torch.tensor(cache.sigmas[:steps], device=device)[j]
-                flow = cache.flow(x_j, sig, emb).float()
-                x0 = x_j - sig.view(b, 1, 1, 1, 1) * flow
-                terms = {"latent": ((x0 - target) ** 2 * latent_weight(alpha)).mean((1, 2, 3, 4))}
+                noise = torch.randn_like(target)
+                s_rn = sample_sigma((b,), cfg, device)
+                x_rn = (1 - s_rn.view(b, 1, 1, 1, 1)) * target + s_rn.view(b, 1, 1, 1, 1) * noise
+                x_in = torch.where(renoise.view(b, 1, 1, 1, 1), x_rn, x_j)
+                sig = torch.where(renoise, s_rn, sig)
+                flow = cache.flow(x_in, sig, emb).float()
+                x0 = x_in - sig.view(b, 1, 1, 1, 1) * flow
+                lw = latent_weight(alpha)
+                terms = {"latent": ((x0 - target) ** 2 * lw).mean((1, 2, 3, 4)) * ~renoise,
+                         "flow": ((flow - (noise - target)) ** 2 * lw).mean((1, 2, 3, 4)) * renoise}
+                shares[0] = {"latent": 1 - renoise.float().mean().item(), "flow": renoise.float().mean().item()}
                 if need_pixels:
                     y = decode(x0)  # [B, T, 3, H, W], through the frozen decoder
                     err = y - frames
@@ -877,19 +902,23 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
                     if st.rollout_pos > 0:
                         want = (want0[:, None] + vel[:, None] * frame_steps) % wh  # [B, T, 2]
                         sc = soft_centres(y.flatten(0, 1), bg.repeat_interleave(fpb, 0)).view(b, fpb, 2)
-                        d = wrap_delta(sc - want, size)
+                        # a shape far off (a lost one) is the pixel loss's to bring back: no pull beyond 8 px
+                        d = wrap_delta(sc - want, size).clamp(-8.0, 8.0)
                         terms["pos"] = F.smooth_l1_loss(d, torch.zeros_like(d), reduction="none", beta=1.0).sum(-1).mean(1) * found0
             with torch.no_grad():
                 cache.write(block, emb_ng)
                 pos, found = shape_centres(own[:, -1], bg, centre[:, -1], with_ok=True)
+                lost = ~found
                 d = wrap_delta(got0 - want0, size).norm(dim=-1)
         for i in range(b):
             age[i] += 1
         last_frames[0] = own[:, -1]
         return terms, found, d
 
-    weights_of = {"latent": st.rollout_latent, "pixel": st.rollout_pixel, "pos": st.rollout_pos}
+    weights_of = {"latent": st.rollout_latent, "flow": st.rollout_flow, "pixel": st.rollout_pixel,
+                  "pos": st.rollout_pos}
     last_frames = [None]  # the pool's last frames, [B, 3, H, W]
+    shares = [{}]  # the share of sessions each loss term had in the last step (the log shows their own mean)
 
     def pool_readings(n: int = 256) -> dict:
         """What the frame analyser reads in the pool's last frames (up to n sessions): the share that show the
@@ -927,6 +956,13 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
                 best.update(score=res["score"], step=step, held=res["held"], blank_share=res["blank_share"])
                 save_weights(out / "demo_weights_best.safetensors", text, dit, dec,
                              dict(meta, rollout_step=step, probe=best, final=False))
+        except Exception as exc:  # a broken probe must not cost the run: say so, train on without it
+            import traceback
+
+            traceback.print_exc()
+            log["probe_error"] = repr(exc)
+            probes.clear()
+            return
         finally:
             swap_ema()
         t_probe[0] = time.perf_counter()
@@ -976,12 +1012,14 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
             rec = {"step": step, "loss": loss_r.item(), "loss_tf": loss_tf.item(), "lr": lr,
                    "grad_norm": float(gnorm), "t": time.perf_counter() - t_start,
                    "blank_share": 1.0 - found.float().mean().item(), "pos_err_px": derr.mean().item(),
-                   "mean_age": sum(age) / b, **{f"loss_{k}": v.mean().item() for k, v in terms.items()},
+                   "mean_age": sum(age) / b, **{f"loss_{k}": v.mean().item() / max(shares[0].get(k, 1.0), 1e-6) for k, v in terms.items()
+                      if shares[0].get(k, 1.0) > 0},
                    **pool_readings(256 if device.type == "cuda" else 16)}
             log["rollout"].append(rec)
         if step % 100 == 0:
             r = log["rollout"][-10:]
-            parts = " ".join(f"{k} {sum(x['loss_' + k] for x in r) / len(r):.4f}" for k in terms)
+            parts = " ".join(f"{k} {sum(x['loss_' + k] for x in r if 'loss_' + k in x) / sum('loss_' + k in x for x in r):.4f}"
+                             for k in terms if any("loss_" + k in x for x in r))
             say(f"rollout step {step}/{total} loss {sum(x['loss'] for x in r) / len(r):.4f} ({parts}) tf "
                 f"{sum(x['loss_tf'] for x in r) / len(r):.4f} no shape {100 * sum(x['blank_share'] for x in r) / len(r):.1f}% "
                 f"pos err {sum(x['pos_err_px'] for x in r) / len(r):.1f} px, pool frames right "
@@ -994,7 +1032,8 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
             probe(step)
             if plan.mark:  # the step plan's pace is that of training steps, not probes
                 plan.mark = (plan.mark[0], plan.mark[1] + time.perf_counter() - t0)
-    probe(step, final=True)
+    if not log.get("probe") or log["probe"][-1]["step"] != step:
+        probe(step, final=True)
     return {"steps": step, "seconds": time.perf_counter() - t_start, "sessions": b,
             "blocks_per_step": 1, "burn_in": st.rollout_burn_in, "life": [lo, hi],
             "best_probe": best if probes else None}
@@ -1104,8 +1143,8 @@ def plot_losses(log: dict, path: Path) -> None:
     panels = [("ae", "autoencoder (weighted L1 + L2)", ("loss",)),
               ("enc", "encoder fitted to the decoder", ("loss", "rec", "cycle")),
               ("dit", "denoiser, teacher forcing (flow-matching MSE)", ("loss", "loss_sigma_lt_0.6", "loss_sigma_ge_0.6")),
-              ("rollout", "denoiser on its own streams (vs the expert)", ("loss", "loss_latent", "loss_pixel",
-                                                                          "loss_pos", "loss_tf")),
+              ("rollout", "denoiser on its own streams (vs the expert)", ("loss", "loss_latent", "loss_flow",
+                                                                          "loss_pixel", "loss_pos", "loss_tf")),
               ("rollout", "the streaming pool: its own last frames", ("blank_share", "pool_right", "pool_shape_ok",
                                                                       "pos_err_px")),
               ("probe", "stream probe (EMA weights, bench rules)", ("held", "held_min", "blank_share"))]
@@ -1239,6 +1278,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rollout-align-px", type=float, default=0.0,
                     help="stage 3: the expert draws its target where the model's own block put the shape, up to "
                          "this many px from where the motion says (0: always where the motion says)")
+    ap.add_argument("--rollout-renoise", type=float, default=0.0,
+                    help="stage 3: share of sessions whose step is the expert's block noised afresh at a sampled "
+                         "level (flow matching with the model's own streams as context) instead of a step of "
+                         "the model's own chain")
+    ap.add_argument("--rollout-flow", type=float, default=1.0,
+                    help="stage 3: weight of the flow-matching MSE of those sessions (shape latents 5x)")
     ap.add_argument("--rollout-step-probs", default=None,
                     help="stage 3: odds of each denoising step getting the gradient, e.g. 0.1,0.2,0.3,0.4 (even)")
     ap.add_argument("--probe-every", type=float, default=60.0,

@@ -36,7 +36,7 @@ B=(--rollout-renoise 0.5 --rollout-pixel 4 --rollout-pos 0.1 --rollout-align-px 
 run() {  # variant, its own args...
   local v=$1; shift
   # shellcheck disable=SC2086  # EXTRA is a list of words
-  timeout $((LIMIT + 40)) python3 tools/train_demo.py --out "$W/$v" "${COMMON[@]}" "$@" $EXTRA > "$W/$v/train.log" 2>&1
+  timeout $((LIMIT + 30)) python3 tools/train_demo.py --out "$W/$v" "${COMMON[@]}" "$@" $EXTRA > "$W/$v/train.log" 2>&1
   echo "variant $v: exit $? after $(( $(date +%s) - t0 )) s" >> "$W/status"
 }
 run a "${A[@]}" &

@@ -279,6 +279,25 @@ def test_the_frame_analyser_reads_ground_truth_frames():
     assert min(acc.values()) >= 0.98, acc
 
 
+def test_the_batched_frame_analyser_reads_what_the_per_frame_one_reads():
+    """analyse_batch (torch, what the training's stream probe uses on a GPU) against analyse, on ground-truth
+    frames and on noisy, smeared and empty ones like a failing model draws."""
+    c = data.make_clips(12, 2, rng=random.Random(4), generator=torch.Generator().manual_seed(4))
+    frames = data.to_uint8(c.frames.flatten(0, 1))  # [48, H, W, 3]
+    g = np.random.default_rng(0)
+    bad = frames.astype(np.float32)
+    bad[:16] += g.normal(0, 40, bad[:16].shape)
+    bad[16:32] = (bad[16:32] + np.roll(bad[16:32], 3, axis=1) + np.roll(bad[16:32], -5, axis=2)) / 3
+    bad[32:40] = bad[32:40].mean(axis=(1, 2), keepdims=True)
+    frames = np.concatenate([frames, np.clip(bad, 0, 255).astype(np.uint8)])
+    want, got = [analyser.analyse(f) for f in frames], analyser.analyse_batch(frames, chunk=40)
+    assert sum(w.blank for w in want) >= 8 and len({w.shape for w in want}) == 4  # the cases are there
+    for w, g_ in zip(want, got):
+        assert (w.background, w.blank, w.area, w.colour, w.shape, w.size) == \
+            (g_.background, g_.blank, g_.area, g_.colour, g_.shape, g_.size)
+        np.testing.assert_allclose([g_.x, g_.y], [w.x, w.y], atol=1e-6)
+
+
 def test_batched_rollouts_are_the_nodes_own_inference():
     """The training rollout (BatchedCache) gives what CausalDenoiser.generate gives block by block, through
     the cache filling and rolling."""
@@ -340,6 +359,30 @@ def test_the_expert_reads_where_a_shape_is_across_the_edge():
     assert d.abs().max() < 1.0
     blank = torch.full_like(c.frames[:, -1], -1.0)  # nothing to read: the fallback
     assert (train.shape_centres(blank, torch.zeros(16, 3), torch.full((16, 2), 7.0)) == 7.0).all()
+
+
+def test_the_soft_centre_reads_where_the_shape_is_and_has_a_gradient():
+    """The position loss's reading (soft threshold) agrees with the expert's (hard) across the edges, and a
+    gradient reaches the frames."""
+    train = _tool("train_demo")
+    c = data.make_clips(16, 1, rng=random.Random(6), generator=torch.Generator().manual_seed(6))
+    bg = torch.tensor([data.BACKGROUNDS[a[0]["background"]] for a in c.attrs])
+    frames = c.frames[:, -1].clone().requires_grad_(True)
+    soft = train.soft_centres(frames, bg)
+    hard = train.shape_centres(c.frames[:, -1], bg, torch.full((16, 2), -1.0))
+    assert train.wrap_delta(soft - hard, (128, 128)).abs().max() < 1.0
+    soft.sum().backward()
+    assert frames.grad.abs().sum() > 0 and torch.isfinite(frames.grad).all()
+
+
+def test_the_expert_draws_where_the_model_did_within_the_tolerance():
+    train = _tool("train_demo")
+    want = torch.tensor([[10.0, 64.0], [127.0, 1.0], [64.0, 64.0], [64.0, 64.0]])
+    got = torch.tensor([[10.8, 63.0], [1.0, 126.5], [80.0, 64.0], [80.0, 64.0]])  # 2nd: across both edges
+    found = torch.tensor([True, True, True, False])
+    start = train.expert_start(want, got, found, 1.5, (128, 128))
+    torch.testing.assert_close(start, torch.tensor([[10.8, 63.0], [0.5, 127.5], [65.5, 64.0], [64.0, 64.0]]))
+    assert torch.equal(train.expert_start(want, got, found, 0.0, (128, 128)), want)
 
 
 def test_the_demo_graph_declares_what_it_understands_and_it_is_the_training_vocabulary():

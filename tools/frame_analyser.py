@@ -55,6 +55,73 @@ def analyse(frame: np.ndarray) -> Frame:
     return Frame(bg, False, area, colour, shape, size, x, y)
 
 
+def analyse_batch(frames, device=None, chunk: int = 256) -> list[Frame]:
+    """`analyse` for many frames at once, in torch (on `device`: a GPU reads thousands in a fraction of a
+    second): uint8 [N, H, W, 3] tensor or array. The same readings as `analyse`, frame for frame
+    (tests/test_demo_model.py checks), so the training's probe scores what the bench would."""
+    import torch
+
+    f = torch.as_tensor(frames)
+    out = []
+    for i in range(0, f.shape[0], chunk):
+        out += _analyse_chunk(f[i:i + chunk].to(device) if device is not None else f[i:i + chunk])
+    return out
+
+
+def _analyse_chunk(f) -> list[Frame]:
+    import torch
+
+    n, h, w, _ = f.shape
+    dev = f.device
+    px = f.reshape(n, h * w, 3).to(torch.float64)
+    srt = px.sort(dim=1).values  # np.median: the mean of the two middle values of an even count
+    m = h * w
+    med = (srt[:, (m - 1) // 2] + srt[:, m // 2]) / 2 if m % 2 == 0 else srt[:, m // 2]  # [N, 3]
+    bg_tab = torch.tensor(list(data.BACKGROUNDS.values()), dtype=torch.float32, device=dev) * 255.0
+    bg = ((med.float()[:, None] - bg_tab) ** 2).sum(-1).argmin(-1)  # [N]
+    fg = (px - med[:, None]).abs().sum(-1) > 90.0  # [N, H*W]
+    area = fg.sum(1)
+    pal = torch.tensor(list(data.COLOURS.values()), dtype=torch.float32, device=dev) * 255.0
+    near = ((px.float()[:, :, None] - pal) ** 2).sum(-1).argmin(-1)  # [N, H*W]
+    counts = torch.zeros(n, len(pal), dtype=torch.long, device=dev).scatter_add_(1, near, fg.long())
+    # np.unique orders names alphabetically: a tie in counts goes to the first name in that order
+    alpha = sorted(range(len(pal)), key=lambda i: list(data.COLOURS)[i])
+    colour = torch.tensor(alpha, device=dev)[counts[:, alpha].argmax(1)]
+    mask = fg.view(n, h, w)
+
+    def circ(v, size):  # circular mean along one axis, weighted by the mask's pixel counts [N, size]
+        a = 2 * math.pi * (torch.arange(size, device=dev, dtype=torch.float64) + 0.5) / size
+        cnt = v.to(torch.float64)
+        tot = cnt.sum(1).clamp(min=1)
+        ang = torch.atan2((cnt * a.sin()).sum(1) / tot, (cnt * a.cos()).sum(1) / tot)
+        return (ang * size / (2 * math.pi) - 0.5) % size
+
+    cx, cy = circ(mask.sum(1), w), circ(mask.sum(2), h)
+    # fill ratio: area over the bounding box once the shape is rolled to the centre of the torus
+    sy, sx = torch.round(h / 2 - cy).long(), torch.round(w / 2 - cx).long()
+    rows = (torch.arange(h, device=dev)[None] + sy[:, None]) % h  # where each row lands
+    cols = (torch.arange(w, device=dev)[None] + sx[:, None]) % w
+    rany, cany = mask.any(2), mask.any(1)
+    big = 1 << 20
+    y0 = torch.where(rany, rows, big).min(1).values
+    y1 = torch.where(rany, rows, -1).max(1).values
+    x0 = torch.where(cany, cols, big).min(1).values
+    x1 = torch.where(cany, cols, -1).max(1).values
+    fill = area.double() / ((y1 - y0 + 1) * (x1 - x0 + 1)).clamp(min=1).double()
+    out = []
+    names_bg, names_c = list(data.BACKGROUNDS), list(data.COLOURS)
+    for i, (b, a, c, fl, x, y) in enumerate(zip(bg.tolist(), area.tolist(), colour.tolist(), fill.tolist(),
+                                                cx.tolist(), cy.tolist())):
+        if a < MIN_AREA * (w / 128.0) ** 2:
+            out.append(Frame(names_bg[b], True, a, None, None, None, float("nan"), float("nan")))
+            continue
+        shape = "square" if fl > FILL_SQUARE else "circle" if fl > FILL_TRIANGLE else "triangle"
+        r = math.sqrt(a / 3.0) * 128.0 / w
+        size = "small" if r < SIZE_EDGES[0] else "medium" if r < SIZE_EDGES[1] else "big"
+        out.append(Frame(names_bg[b], False, a, names_c[c], shape, size, x, y))
+    return out
+
+
 def motion(frames: list[Frame], width: int = 128, height: int = 128) -> tuple[float, float]:
     """Median per-frame (dx, dy) of the shape's centre over consecutive frames with a shape (wraps around)."""
     dxs, dys = [], []

@@ -375,23 +375,57 @@ def rollout_attrs(batch: int, blocks: int, rng: random.Random, switch_prob: floa
     return out
 
 
+def _circular_centre(mask: torch.Tensor) -> torch.Tensor:
+    """(x, y) [B, 2] in pixels of a (soft) mask [B, H, W] on the torus: the circular mean of its columns / rows."""
+    _, h, w = mask.shape
+    out = []
+    for n, m in ((w, mask.sum(1)), (h, mask.sum(2))):  # [B, W]: x from summing rows; [B, H]: y
+        a = 2 * math.pi * (torch.arange(n, device=mask.device, dtype=torch.float32) + 0.5) / n
+        ang = torch.atan2((m * a.sin()).sum(1), (m * a.cos()).sum(1))
+        out.append((ang * n / (2 * math.pi) - 0.5) % n)
+    return torch.stack(out, dim=-1)
+
+
+def _bg_distance(frames: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+    """[B, H, W]: L1 distance (0..765) of frames [B, 3, H, W] in [-1, 1] from the background colour bg [B, 3]."""
+    img = (frames.float().clamp(-1, 1) + 1) * 127.5
+    return (img - bg[:, :, None, None] * 255).abs().sum(1)
+
+
 def shape_centres(frames: torch.Tensor, bg: torch.Tensor, fallback: torch.Tensor, with_ok: bool = False):
     """(x, y) [B, 2] of the shape in frames [B, 3, H, W] in [-1, 1] on the torus (circular mean of the pixels
     far from the background colour bg [B, 3] in [0, 1], as demo_data.foreground), or `fallback` where there
     is no shape to read (too few pixels, or the background itself is off)."""
-    b, _, h, w = frames.shape
-    img = (frames.float().clamp(-1, 1) + 1) * 127.5
-    mask = ((img - bg[:, :, None, None] * 255).abs().sum(1) > 90).float()  # [B, H, W]
+    _, _, h, w = frames.shape
+    mask = (_bg_distance(frames, bg) > 90).float()  # [B, H, W]
     area = mask.sum((1, 2))
-    out = []
-    for n, m in ((w, mask.sum(1)), (h, mask.sum(2))):  # [B, W]: x from summing rows; [B, H]: y
-        a = 2 * math.pi * (torch.arange(n, device=frames.device, dtype=torch.float32) + 0.5) / n
-        ang = torch.atan2((m * a.sin()).sum(1), (m * a.cos()).sum(1))
-        out.append((ang * n / (2 * math.pi) - 0.5) % n)
-    est = torch.stack(out, dim=-1)
+    est = _circular_centre(mask)
     ok = ((area > 40) & (area < 0.4 * h * w))[:, None]
     out = torch.where(ok, est, fallback)
     return (out, ok[:, 0]) if with_ok else out
+
+
+def soft_centres(frames: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+    """shape_centres' reading with a soft threshold, so it has a gradient: a loss on it moves the shape
+    instead of smearing it (a pixel loss against a target a pixel or two off pays for blur)."""
+    return _circular_centre(torch.sigmoid((_bg_distance(frames, bg) - 90.0) / 12.0))
+
+
+def wrap_delta(d: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Displacements (x, y) [..., 2] on the torus of `size` (h, w), into [-w/2, w/2) x [-h/2, h/2)."""
+    half = torch.tensor([size[1] / 2, size[0] / 2], device=d.device)
+    return (d + half) % (2 * half) - half
+
+
+def expert_start(want: torch.Tensor, got: torch.Tensor, found: torch.Tensor, align_px: float,
+                 size: tuple[int, int]) -> torch.Tensor:
+    """Where the expert draws a block's first frame [B, 2]: where the motion says (`want`), moved towards where
+    the model drew it (`got`, where `found`) by up to `align_px` px on each axis, across the edges."""
+    if align_px <= 0:
+        return want
+    off = wrap_delta(got - want, size).clamp(-align_px, align_px) * found[:, None]
+    wh = torch.tensor([float(size[1]), float(size[0])], device=want.device)
+    return (want + off) % wh
 
 
 # -- training ---------------------------------------------------------------------------------------------------
@@ -416,7 +450,7 @@ class Settings:
         self.ema = 0.999
         self.self_context = args.self_context
         self.context = max(cfg["cache_blocks"] - 1, 0)
-        self.eval_blocks = 3 if tiny else 12
+        self.eval_blocks = args.eval_blocks or (3 if tiny else 12)
         self.eval_prompts = 1 if tiny else None  # None: all
         self.checkpoint_s = 60 if tiny else 90
         # stage 3: rollouts (Self-Forcing style)
@@ -424,9 +458,22 @@ class Settings:
         self.rollout_batch = 4 if tiny else args.rollout_batch  # sessions in the streaming pool
         self.rollout_max_steps = args.rollout_steps or (2 if tiny else 1_000_000)
         self.rollout_fixed = tiny or bool(args.rollout_steps)
-        self.rollout_life = (4, 12) if tiny else (16, 320)  # a session's length in blocks (uniform)
+        self.rollout_life = (4, 12) if tiny else tuple(int(v) for v in args.rollout_life.split(","))  # blocks
         self.rollout_burn_in = 2 if tiny else args.rollout_burn_in  # blocks the pool plays before training
-        self.rollout_switch = 0.04  # a session's chance of a prompt switch at each block (about every 3 s)
+        self.rollout_switch = args.rollout_switch  # a session's chance of a prompt switch at each block
+        # the rollout loss (train_rollouts says why each term is there)
+        self.rollout_latent = args.rollout_latent
+        self.rollout_pixel = args.rollout_pixel
+        self.rollout_pos = args.rollout_pos
+        self.rollout_align_px = args.rollout_align_px
+        self.rollout_renoise = args.rollout_renoise
+        self.rollout_flow = args.rollout_flow
+        probs = [float(v) for v in args.rollout_step_probs.split(",")] if args.rollout_step_probs else [1.0] * cfg["steps"]
+        if len(probs) != cfg["steps"] or min(probs) < 0 or sum(probs) <= 0:
+            raise SystemExit(f"--rollout-step-probs needs {cfg['steps']} non-negative weights, got {probs}")
+        self.rollout_step_probs = [v / sum(probs) for v in probs]
+        self.probe_every_s = 20 if tiny else args.probe_every
+        self.probe_seconds = 1 if tiny else args.probe_seconds
         self.rollout_lr = args.rollout_lr
         self.rollout_tf = 0.5  # weight of the teacher-forced batch alongside
         self.rollout_tf_batch = 2 if tiny else args.rollout_tf_batch
@@ -686,7 +733,7 @@ def train_denoiser(cfg, st: Settings, device, budget_s: float, enc, dec, log: di
             swap_ema()
         log["dit_final"]["rollout"] = train_rollouts(
             cfg, st, device, budget_s - (time.perf_counter() - t_start), enc, dec, text, dit, tok, opt, params,
-            ema_list, mask, log, checkpoint)
+            ema_list, mask, log, checkpoint, swap_ema, out, meta)
     swap_ema()  # keep the EMA weights
     text.eval()
     dit.eval()
@@ -694,7 +741,7 @@ def train_denoiser(cfg, st: Settings, device, budget_s: float, enc, dec, log: di
 
 
 def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, dit, tok, opt, params, ema_list,
-                   mask, log: dict, checkpoint) -> dict:
+                   mask, log: dict, checkpoint, swap_ema, out: Path, meta: dict) -> dict:
     """Stage 3, Self-Forcing style, streaming: a pool of `rollout_batch` sessions plays on from step to step,
     each at its own point of its stream (PoolCache: the node's rolling cache, batched), and each training
     step generates ONE more block of every session through the KV cache with the model's own blocks as
@@ -702,15 +749,31 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
     reaches (edge wrap-arounds every few seconds, prompt switches, blocks hundreds deep). Sessions end after a
     random length and start again (a fresh session: no context, shape centred), so starts are trained too.
 
-    Self-Forcing's gradient: one denoising step of each new block, picked at random, with gradient, from the
-    state the model's own no-grad chain reached (the cache, written with no gradient, is the model's own).
-    The target, where Self-Forcing has a teacher's score (DMD), is an expert that knows what the frame must
-    show, the data generator: it reads where the model's last frame put the shape (decoded, circular
-    centroid; the expert's own place when the model's frame has no shape) and renders the next block from
-    there with the session's current prompt. So the model learns to continue its own picture cleanly: keep
-    the shape whole, move it on, wrap it round the edge, bring a lost shape back, take a new prompt at once.
-    A teacher-forced batch rides along (weight `rollout_tf`) so the clean pass that writes the cache keeps
-    being trained."""
+    Self-Forcing's gradient: one denoising step of each new block, picked at random (`rollout_step_probs`),
+    with gradient, from the state the model's own no-grad chain reached (the cache, written with no gradient,
+    is the model's own). The target, where Self-Forcing has a teacher's score (DMD), is an expert that knows
+    what the frame must show, the data generator: it reads where the model's last frame put the shape
+    (decoded, circular centroid; the centre when the model's frame has no shape, as at a session's start) and
+    renders the next block from there with the session's current prompt. So the model learns to continue its own picture
+    cleanly: keep the shape whole, move it on, wrap it round the edge, bring a lost shape back, take a new
+    prompt at once. A teacher-forced batch rides along (weight `rollout_tf`) so the clean pass that writes
+    the cache keeps being trained.
+
+    With `rollout_renoise`, that share of sessions trains instead on the expert's block noised afresh at a
+    sampled level, by flow matching as stage 2 does, but with the pool's cache, the model's own stream, as
+    context: the denoising the sampler needs stays that of a flow model (a chain step's target is not the
+    posterior of its input, and the second run lost its denoising, teacher-forcing loss 0.03 -> 0.18), while
+    the context is what a long stream gives it.
+
+    The loss on that step's x0 estimate: latent MSE against the expert's encoded block (`rollout_latent`,
+    the shape's latents 5x), a pixel loss through the frozen decoder (`rollout_pixel`: the frame is what is
+    judged; the shape and a ring round it weigh 9x, so a smeared edge costs), and a position loss on the
+    decoded shape's soft centroid (`rollout_pos`). The model cannot read its own last frame's centroid to a
+    pixel, so a target drawn exactly where the motion says is a pixel or two off where it would draw the shape:
+    MSE then pays for a blur over the places it might be (the second run's blobs, bench/RESULTS.md). With
+    `rollout_align_px` the expert draws where the model's own block put the shape, up to that many px from
+    where the motion says, and the position loss (which moves the shape, not smears it) pulls it to the
+    right place."""
     rng, gen = random.Random(st.seed + 2), torch.Generator(device="cpu").manual_seed(st.seed + 2)
     fpb, size, steps = cfg["dit"]["frames"], cfg["size"], cfg["steps"]
     h, w = size
@@ -720,8 +783,12 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
     plan = StepPlan(st.rollout_max_steps, budget_s, st.rollout_fixed, "rollouts")
     b = st.rollout_batch
     lo, hi = st.rollout_life
+    step_probs = torch.tensor(st.rollout_step_probs, device=device)
     say(f"rollouts: a pool of {b} streaming sessions, one block each a step, sessions {lo}-{hi} blocks long, "
-        f"switch p {st.rollout_switch} a block, lr {st.rollout_lr}, teacher-forced batch {st.rollout_tf_batch}")
+        f"switch p {st.rollout_switch} a block, lr {st.rollout_lr}, teacher-forced batch {st.rollout_tf_batch}; "
+        f"renoised share {st.rollout_renoise}; loss latent {st.rollout_latent} flow {st.rollout_flow} pixel "
+        f"{st.rollout_pixel} pos {st.rollout_pos}, align "
+        f"{st.rollout_align_px} px, step odds {[round(v, 3) for v in st.rollout_step_probs]}")
     # A fresh optimizer: the teacher-forcing stage's second moments are those of its small late gradients, so
     # Adam would take steps many times the learning rate on the rollouts' larger ones (the first run here did,
     # and lost the picture: bench/RESULTS.md).
@@ -729,6 +796,7 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=st.rollout_lr, betas=(0.9, 0.99))
     kinds, kind_w = zip(*SWITCH_KINDS)
+    need_pixels = st.rollout_pixel > 0 or st.rollout_pos > 0
 
     def fresh():
         return data.sample_attrs(1, 1, rng, 0.0)[0][0]
@@ -737,6 +805,10 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
         with torch.no_grad(), autocast(device):
             z = enc(frames.flatten(0, 1)).float()
         return z.view(frames.shape[0], frames.shape[1], *z.shape[1:]).transpose(1, 2)
+
+    def decode(x):  # [B, C, T, h, w] -> [B, T, 3, H, W]
+        y = dec(x.transpose(1, 2).flatten(0, 1)).float()
+        return y.view(x.shape[0], x.shape[2], *y.shape[1:])
 
     def latent_weight(alpha):  # [B, T, H, W] -> [B, 1, T, h, w]: the shape's latents count 5x
         a = F.avg_pool2d(alpha, 8)  # area share per latent pixel
@@ -752,10 +824,15 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
     life = [rng.randint(1, hi) for _ in range(b)]  # the first lives staggered, so starts are spread out
     last_switch = [-10] * b
     pos = torch.tensor([[w / 2, h / 2]], device=device).repeat(b, 1)
+    lost = torch.zeros(b, dtype=torch.bool, device=device)  # the session's last frame had no shape
+    centre0 = torch.tensor([[w / 2, h / 2]], device=device)
+    wh = torch.tensor([float(w), float(h)], device=device)
+    frame_steps = torch.arange(fpb, device=device, dtype=torch.float32)[None, :, None]  # [1, T, 1]
 
     def advance(train: bool):
-        """One block of every session; returns (per-session loss [B] or None, shape-found [B], expert err)."""
-        nonlocal ids, pos
+        """One block of every session; returns (per-session loss terms or None, shape-found [B], distance [B]
+        of the model's shape from where the motion says)."""
+        nonlocal ids, pos, lost
         restart = []
         for i in range(b):  # session ends and prompt switches (a user editing the prompt)
             if age[i] >= life[i]:
@@ -779,34 +856,119 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
             cache.restart(r)
         mi = torch.tensor([data.NAMES["motion"].index(a["motion"]) for a in attrs], device=device)
         bgi = torch.tensor([data.NAMES["background"].index(a["background"]) for a in attrs], device=device)
-        centre0 = torch.tensor([[w / 2, h / 2]], device=device)
-        start = torch.where(start_now[:, None], centre0, pos + vel_tab[mi])
-        frames, alpha, centre = data.render([[a] for a in attrs], fpb, size, start, device)
+        bg = bg_tab[bgi]
+        vel = vel_tab[mi]  # [B, 2] px a frame
+        # Where frame 0 must show the shape: moved on from where the model's last frame had it; a fresh session
+        # or one whose last frame lost it draws it at the centre, as a session with nothing before it does (a
+        # place the model can tell from its context: the expert's own tracking of a lost shape it cannot).
+        want0 = torch.where((start_now | lost)[:, None], centre0, (pos + vel) % wh)
         cache.begin_block()
-        err = None
+        terms = None
         with autocast(device):
             emb = text(ids) if train else None
             emb_ng = emb.detach() if train else text(ids).detach()
             with torch.no_grad():
                 chain = cache.denoise(torch.randn(b, dit.channels, fpb, *dit.size, device=device), emb_ng)
+                block = chain[-1]
+                own = decode(block)  # [B, T, 3, H, W]: the model's own frames
+                got0, found0 = shape_centres(own[:, 0], bg, want0, with_ok=True)
+                # sessions whose step is the expert's block noised afresh (flow matching on the model's own
+                # context), the others a step of the model's own chain (Self-Forcing)
+                renoise = torch.rand(b, device=device) < st.rollout_renoise
+                start = torch.where(renoise[:, None], want0,
+                                    expert_start(want0, got0, found0, st.rollout_align_px, size))
+            frames, alpha, centre = data.render([[a] for a in attrs], fpb, size, start, device)
             if train:
                 target = encode(frames)
-                j = torch.randint(steps, (b,), device=device)  # the step that gets the gradient, per session
+                j = torch.multinomial(step_probs, b, replacement=True)  # the step that gets the gradient
                 x_j = torch.stack(chain[:steps])[j, torch.arange(b, device=device)]
                 sig = torch.tensor(cache.sigmas[:steps], device=device)[j]
-                flow = cache.flow(x_j, sig, emb).float()
-                x0 = x_j - sig.view(b, 1, 1, 1, 1) * flow
-                err = ((x0 - target) ** 2 * latent_weight(alpha)).mean((1, 2, 3, 4))
-            block = chain[-1]
+                noise = torch.randn_like(target)
+                s_rn = sample_sigma((b,), cfg, device)
+                x_rn = (1 - s_rn.view(b, 1, 1, 1, 1)) * target + s_rn.view(b, 1, 1, 1, 1) * noise
+                x_in = torch.where(renoise.view(b, 1, 1, 1, 1), x_rn, x_j)
+                sig = torch.where(renoise, s_rn, sig)
+                flow = cache.flow(x_in, sig, emb).float()
+                x0 = x_in - sig.view(b, 1, 1, 1, 1) * flow
+                lw = latent_weight(alpha)
+                terms = {"latent": ((x0 - target) ** 2 * lw).mean((1, 2, 3, 4)) * ~renoise,
+                         "flow": ((flow - (noise - target)) ** 2 * lw).mean((1, 2, 3, 4)) * renoise}
+                shares[0] = {"latent": 1 - renoise.float().mean().item(), "flow": renoise.float().mean().item()}
+                if need_pixels:
+                    y = decode(x0)  # [B, T, 3, H, W], through the frozen decoder
+                    err = y - frames
+                    wpx = 1 + 8 * F.max_pool2d(alpha, 5, 1, 2)[:, :, None]  # the shape and a 2-px ring round it
+                    terms["pixel"] = (wpx * (err.abs() + err * err)).mean((1, 2, 3, 4))
+                    if st.rollout_pos > 0:
+                        want = (want0[:, None] + vel[:, None] * frame_steps) % wh  # [B, T, 2]
+                        sc = soft_centres(y.flatten(0, 1), bg.repeat_interleave(fpb, 0)).view(b, fpb, 2)
+                        # a shape far off (a lost one) is the pixel loss's to bring back: no pull beyond 8 px
+                        d = wrap_delta(sc - want, size).clamp(-8.0, 8.0)
+                        terms["pos"] = F.smooth_l1_loss(d, torch.zeros_like(d), reduction="none", beta=1.0).sum(-1).mean(1) * found0
             with torch.no_grad():
                 cache.write(block, emb_ng)
-                last = dec(block[:, :, -1]).float()  # the model's own last frame
-                pos, found = shape_centres(last, bg_tab[bgi], centre[:, -1], with_ok=True)
-                d = (pos - centre[:, -1] + torch.tensor([w / 2, h / 2], device=device)) % torch.tensor(
-                    [float(w), float(h)], device=device) - torch.tensor([w / 2, h / 2], device=device)
+                pos, found = shape_centres(own[:, -1], bg, centre[:, -1], with_ok=True)
+                lost = ~found
+                d = wrap_delta(got0 - want0, size).norm(dim=-1)
         for i in range(b):
             age[i] += 1
-        return err, found, d.norm(dim=-1)
+        last_frames[0] = own[:, -1]
+        return terms, found, d
+
+    weights_of = {"latent": st.rollout_latent, "flow": st.rollout_flow, "pixel": st.rollout_pixel,
+                  "pos": st.rollout_pos}
+    last_frames = [None]  # the pool's last frames, [B, 3, H, W]
+    shares = [{}]  # the share of sessions each loss term had in the last step (the log shows their own mean)
+
+    def pool_readings(n: int = 256) -> dict:
+        """What the frame analyser reads in the pool's last frames (up to n sessions): the share that show the
+        prompt's shape, and that show it all (colour, shape, size, background), as the bench asks."""
+        import frame_analyser as fa
+
+        x = last_frames[0][:n]
+        u8 = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+        got = fa.analyse_batch(u8, chunk=128)
+        right = [fa.matches(f, a) for f, a in zip(got, attrs[:n])]
+        return {"pool_shape_ok": sum(r["shape"] for r in right) / len(right),
+                "pool_right": sum(all(r.values()) for r in right) / len(right)}
+    probes = probe_sessions_for(st)
+    best = {"score": -float("inf")}
+    t_probe = [time.perf_counter()]
+
+    def probe(step: int, final: bool = False) -> None:
+        """The EMA weights' streams, scored as the bench scores them; the best so far is kept."""
+        if not probes:
+            return
+        import demo_stream_probe as sp
+
+        t0 = time.perf_counter()
+        swap_ema()
+        try:
+            with torch.no_grad():
+                frames = sp.render_streams(text, dit, dec, tok, PoolCache, cfg, probes,
+                                           int(st.probe_seconds * cfg["fps"]) // fpb, device)
+            res = sp.score(frames, probes, device)
+            rec = {"step": step, "t": time.perf_counter() - t_start, "final": final,
+                   **{k: v for k, v in res.items() if k != "sessions"},
+                   "held_per_session": [round(r["held"], 3) for r in res["sessions"]]}
+            log.setdefault("probe", []).append(rec)
+            if res["score"] > best["score"]:
+                best.update(score=res["score"], step=step, held=res["held"], blank_share=res["blank_share"])
+                save_weights(out / "demo_weights_best.safetensors", text, dit, dec,
+                             dict(meta, rollout_step=step, probe=best, final=False))
+        except Exception as exc:  # a broken probe must not cost the run: say so, train on without it
+            import traceback
+
+            traceback.print_exc()
+            log["probe_error"] = repr(exc)
+            probes.clear()
+            return
+        finally:
+            swap_ema()
+        t_probe[0] = time.perf_counter()
+        say(f"probe at step {step}: score {res['score']:.3f} held {res['held'] * 100:.1f}% (min "
+            f"{res['held_min'] * 100:.0f}%) blank {res['blank_share'] * 100:.2f}% switches {res['switch_blocks']} "
+            f"({time.perf_counter() - t0:.1f} s){' best' if best['step'] == step else ''}")
 
     t_b = time.perf_counter()
     with torch.no_grad():
@@ -814,13 +976,14 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
             advance(False)
     say(f"rollouts: pool burnt in over {st.rollout_burn_in} blocks in {time.perf_counter() - t_b:.1f} s")
     t_start, step = time.perf_counter(), 0
+    probe(0)  # the start's score (its time, as every probe's, is inside the budget)
     while not plan.done(step):
         total = plan.total
         lr = lr_at(step, total, st.rollout_lr, min(50, max(total // 10, 1)))
         for g in opt.param_groups:
             g["lr"] = lr
-        err, found, derr = advance(True)
-        loss_r = err.mean()
+        terms, found, derr = advance(True)
+        loss_r = sum(weights_of[k] * v.mean() for k, v in terms.items())
         # teacher forcing alongside
         clips = data.make_clips(st.rollout_tf_batch, k_tf, fpb, size, rng, gen, device,
                                 switch_prob=st.switch_prob, start_prob=st.start_prob)
@@ -849,18 +1012,41 @@ def train_rollouts(cfg, st: Settings, device, budget_s: float, enc, dec, text, d
             rec = {"step": step, "loss": loss_r.item(), "loss_tf": loss_tf.item(), "lr": lr,
                    "grad_norm": float(gnorm), "t": time.perf_counter() - t_start,
                    "blank_share": 1.0 - found.float().mean().item(), "pos_err_px": derr.mean().item(),
-                   "mean_age": sum(age) / b}
+                   "mean_age": sum(age) / b, **{f"loss_{k}": v.mean().item() / max(shares[0].get(k, 1.0), 1e-6) for k, v in terms.items()
+                      if shares[0].get(k, 1.0) > 0},
+                   **pool_readings(256 if device.type == "cuda" else 16)}
             log["rollout"].append(rec)
         if step % 100 == 0:
             r = log["rollout"][-10:]
-            say(f"rollout step {step}/{total} loss {sum(x['loss'] for x in r) / len(r):.4f} tf "
+            parts = " ".join(f"{k} {sum(x['loss_' + k] for x in r if 'loss_' + k in x) / sum('loss_' + k in x for x in r):.4f}"
+                             for k in terms if any("loss_" + k in x for x in r))
+            say(f"rollout step {step}/{total} loss {sum(x['loss'] for x in r) / len(r):.4f} ({parts}) tf "
                 f"{sum(x['loss_tf'] for x in r) / len(r):.4f} no shape {100 * sum(x['blank_share'] for x in r) / len(r):.1f}% "
-                f"pos err {sum(x['pos_err_px'] for x in r) / len(r):.1f} px lr {lr:.2e}")
+                f"pos err {sum(x['pos_err_px'] for x in r) / len(r):.1f} px, pool frames right "
+                f"{100 * sum(x['pool_right'] for x in r) / len(r):.0f}% (shape {100 * sum(x['pool_shape_ok'] for x in r) / len(r):.0f}%) lr {lr:.2e}")
         if step % 500 == 499:
             checkpoint(final=False)
         step += 1
+        if st.probe_every_s and time.perf_counter() - t_probe[0] > st.probe_every_s:
+            t0 = time.perf_counter()
+            probe(step)
+            if plan.mark:  # the step plan's pace is that of training steps, not probes
+                plan.mark = (plan.mark[0], plan.mark[1] + time.perf_counter() - t0)
+    if not log.get("probe") or log["probe"][-1]["step"] != step:
+        probe(step, final=True)
     return {"steps": step, "seconds": time.perf_counter() - t_start, "sessions": b,
-            "blocks_per_step": 1, "burn_in": st.rollout_burn_in, "life": [lo, hi]}
+            "blocks_per_step": 1, "burn_in": st.rollout_burn_in, "life": [lo, hi],
+            "best_probe": best if probes else None}
+
+
+def probe_sessions_for(st: Settings):
+    """The probe's streams (tools/demo_stream_probe.py), none when probing is off."""
+    if not st.probe_every_s:
+        return []
+    import demo_stream_probe as sp
+
+    sessions = sp.probe_sessions()
+    return [sessions[0], sessions[-1]] if st.probe_seconds <= 1 else sessions  # tiny: one of each kind
 
 
 def fit_encoder(cfg, st: Settings, device, budget_s: float, weights: Path, log: dict):
@@ -957,8 +1143,11 @@ def plot_losses(log: dict, path: Path) -> None:
     panels = [("ae", "autoencoder (weighted L1 + L2)", ("loss",)),
               ("enc", "encoder fitted to the decoder", ("loss", "rec", "cycle")),
               ("dit", "denoiser, teacher forcing (flow-matching MSE)", ("loss", "loss_sigma_lt_0.6", "loss_sigma_ge_0.6")),
-              ("rollout", "denoiser on its own streams (x0 MSE vs expert)", ("loss", "loss_tf")),
-              ("rollout", "the streaming pool: its own last frames", ("blank_share", "pos_err_px"))]
+              ("rollout", "denoiser on its own streams (vs the expert)", ("loss", "loss_latent", "loss_flow",
+                                                                          "loss_pixel", "loss_pos", "loss_tf")),
+              ("rollout", "the streaming pool: its own last frames", ("blank_share", "pool_right", "pool_shape_ok",
+                                                                      "pos_err_px")),
+              ("probe", "stream probe (EMA weights, bench rules)", ("held", "held_min", "blank_share"))]
     panels = [p for p in panels if log.get(p[0])]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (key, title, names) in zip(axes[0], panels):
@@ -972,13 +1161,15 @@ def plot_losses(log: dict, path: Path) -> None:
                     ax2.set_ylabel("px")
                     ax2.legend(loc="upper right")
                 else:
-                    ax.plot(*zip(*pts), lw=1 if name == "loss" else 0.8,
-                            label={"loss": "all", "blank_share": "share with no shape"}.get(name, name.replace("loss_", "")))
+                    ax.plot(*zip(*pts), lw=1 if name == "loss" else 0.8, marker="o" if key == "probe" else None,
+                            label={"loss": "all", "blank_share": "share with no shape", "held": "seconds held",
+                                   "pool_right": "share right (bench rule)", "pool_shape_ok": "share of the right shape",
+                                   "held_min": "seconds held, worst stream"}.get(name, name.replace("loss_", "")))
         if "blank_share" not in names:
             ax.set_yscale("log")
-        ax.legend(loc="upper center" if "blank_share" in names else "upper right")
+        ax.legend(loc="upper center" if "blank_share" in names else "upper right", fontsize=7)
         ax.set_title(title)
-        ax.set_xlabel("rollout step" if key == "rollout" else "step")
+        ax.set_xlabel("rollout step" if key in ("rollout", "probe") else "step")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -1075,6 +1266,35 @@ def main(argv=None) -> int:
     ap.add_argument("--rollout-steps", type=int, default=None, help="fix stage 3's step count (else the budget)")
     ap.add_argument("--rollout-burn-in", type=int, default=48, help="blocks the pool plays before stage 3 trains")
     ap.add_argument("--rollout-lr", type=float, default=1e-4)
+    ap.add_argument("--rollout-life", default="16,320", help="a pool session's length in blocks: min,max (uniform)")
+    ap.add_argument("--rollout-switch", type=float, default=0.04,
+                    help="a pool session's chance of a prompt switch at each block (0.04: about every 3 s)")
+    ap.add_argument("--rollout-latent", type=float, default=1.0, help="stage 3: weight of the latent x0 MSE")
+    ap.add_argument("--rollout-pixel", type=float, default=0.0,
+                    help="stage 3: weight of a pixel loss through the frozen decoder (shape pixels and their "
+                         "surroundings weigh 9x)")
+    ap.add_argument("--rollout-pos", type=float, default=0.0,
+                    help="stage 3: weight of a position loss (px, Huber) on the decoded shape's soft centroid")
+    ap.add_argument("--rollout-align-px", type=float, default=0.0,
+                    help="stage 3: the expert draws its target where the model's own block put the shape, up to "
+                         "this many px from where the motion says (0: always where the motion says)")
+    ap.add_argument("--rollout-renoise", type=float, default=0.0,
+                    help="stage 3: share of sessions whose step is the expert's block noised afresh at a sampled "
+                         "level (flow matching with the model's own streams as context) instead of a step of "
+                         "the model's own chain")
+    ap.add_argument("--rollout-flow", type=float, default=1.0,
+                    help="stage 3: weight of the flow-matching MSE of those sessions (shape latents 5x)")
+    ap.add_argument("--rollout-step-probs", default=None,
+                    help="stage 3: odds of each denoising step getting the gradient, e.g. 0.1,0.2,0.3,0.4 (even)")
+    ap.add_argument("--probe-every", type=float, default=60.0,
+                    help="stage 3: seconds between stream probes (tools/demo_stream_probe.py; the best EMA "
+                         "weights by it go to demo_weights_best.safetensors); 0: none")
+    ap.add_argument("--probe-seconds", type=int, default=20, help="length of each probe stream")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="hard wall-clock limit for the whole run (the budget is cut to end and save in it)")
+    ap.add_argument("--enc-from", type=Path, default=None,
+                    help="with --init-from: autoencoder.pt of an earlier --init-from run (its fitted encoder)")
+    ap.add_argument("--enc-only", action="store_true", help="with --init-from: fit the encoder, write it, stop")
     ap.add_argument("--ae-share", type=float, default=0.15, help="share of the budget for the autoencoder")
     ap.add_argument("--ae-from", type=Path, default=None,
                     help="autoencoder.pt of an earlier run: skip stage 1 (e.g. two calls of a few minutes)")
@@ -1087,9 +1307,20 @@ def main(argv=None) -> int:
     ap.add_argument("--ae-only", action="store_true", help="stage 1 only (all of --minutes); see --ae-from")
     ap.add_argument("--ae-lr", type=float, default=1e-3)
     ap.add_argument("--no-eval", action="store_true", help="skip the CPU evaluation through the engine")
+    ap.add_argument("--eval-weights", type=Path, default=None,
+                    help="no training: the CPU evaluation (samples.png, eval.json) of this weights file")
+    ap.add_argument("--eval-blocks", type=int, default=None, help="blocks per evaluation stream (12; tiny: 3)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
+    if args.eval_weights:  # a sample sheet of weights made earlier (e.g. on the GPU), through the engine
+        args.out.mkdir(parents=True, exist_ok=True)
+        log = {"weights": str(args.eval_weights)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # nan means of frames with no shape
+            evaluate(args.graph, args.eval_weights, args.out, args.eval_blocks or 12, log)
+        (args.out / "eval.json").write_text(json.dumps(log, indent=1))
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -1098,6 +1329,9 @@ def main(argv=None) -> int:
     cfg = graph_config(args.graph)
     st = Settings(args, cfg)
     budget = st.minutes * 60
+    if args.max_seconds:  # what is left after the saving, the plots and the last probe must fit the limit
+        budget = min(budget if args.minutes is not None else float("inf"), args.max_seconds - 30.0)
+        st.minutes = budget / 60
     say(f"training {args.graph.name} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
         f"torch {torch.__version__}, budget {st.minutes:.1f} min, seed {st.seed}")
     log = {"config": {k: v for k, v in cfg.items()}, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(st).items()}, "ae": [], "dit": [], "rollout": [],
@@ -1105,10 +1339,30 @@ def main(argv=None) -> int:
     meta = {"made_by": "tools/train_demo.py", "seed": st.seed, "minutes": st.minutes, "graph": args.graph.name,
             "config": cfg, "prefixes": {"text_encoder": "text.", "causal_denoiser": "dit.", "latent_decoder": "decoder."}}
 
-    if args.init_from:  # from trained weights: an encoder for their decoder, then stage 3 alone
+    if args.init_from and args.enc_from:  # an encoder fitted to this decoder already
+        enc = Encoder(cfg["decoder"]["channels"], 64, cfg["decoder"]["upsample"], norm=False)
+        _, _, dec = build_models(cfg)
+        ae = torch.load(args.enc_from, map_location="cpu", weights_only=True)
+        enc.load_state_dict(ae["encoder"])
+        dec.load_state_dict(ae["decoder"])
+        from safetensors.torch import load_file
+
+        shipped = {k[len("decoder."):]: v for k, v in load_file(str(args.init_from)).items() if k.startswith("decoder.")}
+        if any(not torch.equal(shipped[k], v) for k, v in dec.state_dict().items()):
+            raise SystemExit(f"{args.enc_from}'s decoder is not {args.init_from}'s: fit the encoder again")
+        enc.to(device).eval()
+        dec.to(device).eval().requires_grad_(False)
+        log["ae_final"] = {"encoder_from": str(args.enc_from), "fitted_to": str(args.init_from)}
+        meta["initialised_from"] = str(args.init_from.name)
+        say(f"encoder from {args.enc_from}")
+    elif args.init_from:  # from trained weights: an encoder for their decoder, then stage 3 alone
         enc, dec = fit_encoder(cfg, st, device, args.enc_seconds, args.init_from, log)
         torch.save({"encoder": enc.state_dict(), "decoder": dec.state_dict()}, args.out / "autoencoder.pt")
         meta["initialised_from"] = str(args.init_from.name)
+        if args.enc_only:
+            (args.out / "train_log.json").write_text(json.dumps(log, indent=1))
+            say(f"wrote {args.out / 'autoencoder.pt'}")
+            return 0
     elif args.ae_from:  # stage 1 done already (e.g. in an earlier run): all the budget goes to stage 2
         enc = Encoder(cfg["decoder"]["channels"], 64, cfg["decoder"]["upsample"])
         _, _, dec = build_models(cfg)

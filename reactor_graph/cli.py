@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -533,6 +534,13 @@ def run(graph: Optional[str] = GRAPH_ARG,
             console.print("[bold red]error:[/] the engine is stuck in a node that does not return; exiting so "
                           "that a supervisor can restart the server")
             raise typer.Exit(code)
+        if getattr(engine, "compiling", False):
+            # inductor inside a daemon thread at interpreter shutdown can abort the process; its work is in
+            # the compile caches as far as it got, so leave without waiting for it
+            console.print("stopped while the hot path was still compiling in the background")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
 
 def _run_replicas(graph, replicas, ray_address, host, port, access, max_seconds, settings, **engine):

@@ -240,6 +240,11 @@ class Engine(HostFeatures):
                 self.compile_cache.load()
         return self.compile_cache
 
+    @property
+    def compiling(self) -> bool:
+        """Whether a tiered start's compiled tier is still being built in the background."""
+        return any(t.building for t in self._tiers.values())
+
     def serving(self) -> dict:
         """What runs the hot path now: {mode, serving (eager | eager-captured | compiled), progress, ...}."""
         ex = self.executor

@@ -121,6 +121,10 @@ class TieredHotPath:
         self._thread.join(timeout)
         return self._built is not None or self.compiled is not None
 
+    @property
+    def building(self) -> bool:
+        return self._thread.is_alive()
+
     def cancel(self) -> None:
         """The engine moved on (a swap, a probe): the build's result is not used; it stops at its next phase."""
         self.cancelled.set()

@@ -586,6 +586,7 @@ def _start_trace(engine, path: Path, keep: int):
     with _progress("preparing the traced hot path") as say:
         engine.use_probe(probe, progress=say)
     tracks.TRACE = deque(maxlen=keep * 64)
+    tracks.trace_encoders()
     return probe
 
 

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 from .hot_path import Probe
 
-THREADS = {"host": 1, "device": 2, "commands": 3, "stream": 4}
+THREADS = {"host": 1, "device": 2, "commands": 3, "stream": 4, "encoder": 5}
 
 
 def _us(seconds: float, origin: float) -> float:
@@ -58,7 +58,8 @@ def events(probe: Probe, process: str, pid: int = 1, origin: float | None = None
         out.append({"ph": "i", "s": "t", "pid": pid, "tid": THREADS["commands"], "name": f"{c['name']} applied",
                     "ts": _us(c["applied"], origin)})
     for f in stream:  # {"name", "start", "end", "args"} on the host clock
-        out.append({"ph": "X", "pid": pid, "tid": THREADS["stream"], "name": f["name"], "cat": "stream",
+        track = f.get("track", "stream")
+        out.append({"ph": "X", "pid": pid, "tid": THREADS[track], "name": f["name"], "cat": track,
                     "ts": _us(f["start"], origin), "dur": round(max(f["end"] - f["start"], 0.0) * 1e6, 3),
                     "args": f.get("args", {})})
     return out

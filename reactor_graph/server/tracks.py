@@ -25,6 +25,7 @@ TIME_BASE = Fraction(1, CLOCK_RATE)
 # `run --trace`: a bounded deque that every track appends to: each frame from its block leaving the hot path,
 # through the frame queue, to the encoder (aiortc encodes and sends it next); None: off
 TRACE = None
+_BLOCK_OF_PTS: dict[int, int] = {}  # `run --trace`: which block a frame sent (pts) came from, for the encoder's spans
 POLICIES = ("latest", "lossless")
 
 
@@ -172,6 +173,9 @@ class BlockVideoTrack(MediaStreamTrack):
         if TRACE is not None and not repeated and item.block >= 0:  # `run --trace`: block -> queue -> encoder
             TRACE.append({"name": f"frame of block {item.block}", "start": item.ready, "end": time.perf_counter(),
                           "args": {"block": item.block, "pts": frame.pts}})
+            _BLOCK_OF_PTS[frame.pts] = item.block
+            if len(_BLOCK_OF_PTS) > 4096:
+                del _BLOCK_OF_PTS[next(iter(_BLOCK_OF_PTS))]
         frame.time_base = TIME_BASE
         return frame
 
@@ -182,3 +186,45 @@ class BlockVideoTrack(MediaStreamTrack):
     def counters(self) -> dict[str, int]:
         return {"pushed": self.pushed, "sent": self.sent, "fresh": self.fresh, "repeats": self.repeats,
                 "idle": self.idle, "drops": self.drops, "skipped": self.skipped}
+
+
+class _TimedEncoder:
+    """`run --trace`: aiortc's encoder of a track, each frame's encode timed (aiortc runs it in an executor thread
+    and sends its packets next)."""
+
+    def __init__(self, inner):
+        object.__setattr__(self, "inner", inner)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name, value):  # aiortc sets target_bitrate on the encoder
+        setattr(self.inner, name, value)
+
+    def encode(self, frame, force_keyframe: bool = False):
+        pts = getattr(frame, "pts", None)  # before encoding: aiortc's encoders restamp the frame
+        t0 = time.perf_counter()
+        payloads, timestamp = self.inner.encode(frame, force_keyframe)
+        trace = TRACE
+        if trace is not None:
+            block = _BLOCK_OF_PTS.get(pts)
+            trace.append({"name": f"encode frame of block {block}" if block is not None else "encode frame",
+                          "start": t0, "end": time.perf_counter(), "track": "encoder",
+                          "args": {"block": block, "pts": pts, "packets": len(payloads),
+                                   "bytes": sum(len(p) for p in payloads), "keyframe": bool(force_keyframe)}})
+        return payloads, timestamp
+
+
+def trace_encoders() -> None:
+    """Time every encoder aiortc makes from now on (`run --trace`); once per process."""
+    from aiortc import rtcrtpsender
+
+    if getattr(rtcrtpsender.get_encoder, "timed", False):
+        return
+    plain = rtcrtpsender.get_encoder
+
+    def get_encoder(codec):
+        return _TimedEncoder(plain(codec))
+
+    get_encoder.timed = True
+    rtcrtpsender.get_encoder = get_encoder

@@ -49,6 +49,7 @@ def test_a_served_stream_is_traced_from_command_to_frame(tiny_engine, serve_engi
     probe = Probe(engine.device, keep=50)
     engine.use_probe(probe)
     tracks.TRACE = deque(maxlen=5000)
+    tracks.trace_encoders()
     served = serve_engine(engine, ping_timeout=15, connect_timeout=15)
     try:
         async def main():
@@ -58,7 +59,8 @@ def test_a_served_stream_is_traced_from_command_to_frame(tiny_engine, serve_engi
                 await c.wait_message("runtime", "sessionStarted")
                 c.send("application", "set_prompt", {"prompt": "a blue square"})
                 await c.wait_message("application", "commandResult")
-                await c.wait_for(lambda: len(tracks.TRACE) >= 8, 30, "frames sent")
+                await c.wait_for(lambda: sum(f.get("track") == "encoder" for f in tracks.TRACE) >= 8, 30,
+                                 "frames encoded")
                 await c.stop_session()
 
         arun(main(), 60)
@@ -73,6 +75,11 @@ def test_a_served_stream_is_traced_from_command_to_frame(tiny_engine, serve_engi
     cmd = next(e for e in events if e["cat"] == "command")
     assert cmd["name"] == "set_prompt" and cmd["args"]["to_frame_ms"] >= cmd["args"]["wait_ms"] >= 0
     assert all(e["dur"] >= 0 for e in events if e["cat"] == "stream")
+    # each frame's encode, on its own thread, tied to the block the frame came from
+    enc = [e for e in events if e["cat"] == "encoder"]
+    assert enc and all(e["dur"] >= 0 and e["args"]["packets"] >= 1 and e["args"]["bytes"] > 0 for e in enc)
+    blocks = {e["args"]["block"] for e in events if e["cat"] == "stream"}
+    assert {e["args"]["block"] for e in enc if e["args"]["block"] is not None} & blocks
 
 
 def test_run_trace_cli_writes_a_trace_at_shutdown(write_graph, tiny_yaml, tmp_path):

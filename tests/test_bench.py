@@ -1,5 +1,6 @@
 """bench's JSON has every documented field on the CPU, and the plot is written."""
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -116,6 +117,15 @@ def test_trace_spans_nest_and_cover_every_node(tiny_engine, tmp_path):
         assert set(nodes) == HOT  # every hot node of each block, inside the hot path
         assert all(hot["ts"] <= e["ts"] and e["ts"] + e["dur"] <= hot["ts"] + hot["dur"] + 0.01 for e in nodes.values())
         assert ("cond" in {e["name"] for e in inside if e["cat"] == "on_change"}) == (blk["args"]["block"] == 0)
+    # the picture of one block (tools/draw_trace.py) holds that block's spans: every node, nothing of another block
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from draw_trace import draw
+
+    drawn = draw(json.loads(path.read_text()), 0, tmp_path / "block0.png")
+    assert (tmp_path / "block0.png").stat().st_size > 1000
+    assert HOT | {"cond"} <= {e["name"] for e in drawn} and {e["args"]["block"] for e in drawn} == {0}
 
 
 @pytest.mark.gpu

@@ -215,7 +215,14 @@ def test_fa3_is_captured_in_a_cuda_graph_with_scales_computed_inside(path):
     graph.replay()
     torch.cuda.synchronize()
     ref = A.sdpa_attention(q, k, v)
-    assert _rel(out, ref) < (1e-2 if path == "fa3" else 0.15)
+    if path == "fa3":
+        assert _rel(out, ref) < 1e-2
+    else:
+        # At these ranges (logits up to ~670) FP8's own error is large: the torch reference of the quantise step
+        # predicts 0.33 against SDPA, and the H200 measured 0.32 (2026-12-02). What this checks is that the
+        # replay quantised with the new values' scales (a scale frozen at capture is off by ~100%).
+        emu = A.fp8_reference_attention(q, k, v, "head")
+        assert _rel(out, emu) < 0.1 and _rel(out, ref) < 1.25 * _rel(emu, ref) + 0.02
     torch.testing.assert_close(out, attn(q, k, v), rtol=0, atol=0)  # replay == eager, bit for bit
 
 

@@ -40,6 +40,18 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show trace
     setup_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (a test runner swaps it and closes the old one)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(level: int) -> None:
     """reactor_graph's own log (sessions start and end, with client and reason; refused commands, swaps,
     errors, shutdown) on stderr at `level`: timestamped plain lines, or Rich's on a terminal."""
@@ -52,7 +64,7 @@ def setup_logging(level: int) -> None:
         handler: logging.Handler = RichHandler(console=console, show_path=False, markup=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     handler._reactor_graph = True
     if level <= logging.DEBUG:  # --verbose: every library's debug log too, through the root logger

@@ -437,14 +437,9 @@ class TAEHVEncoder(MemBlockState, StreamingDecoder):
         return self._run(frames, stream=True)
 
     def encode_block(self, frames: torch.Tensor) -> torch.Tensor:
-        """Encode the session's next block of frames -> ``T / t_downscale`` latents."""
-        self._ensure_state(frames)
-        out = self.block_forward(frames, self.phase)
-        self.phase = PHASE_STEADY
-        return out
-
-    def decode_block(self, latents):  # the base class's name; an encoder encodes
-        return self.encode_block(latents)
+        """Encode the session's next block of frames -> ``T / t_downscale`` latents (the base class's streaming
+        step, `decode_block` by its name there)."""
+        return self.decode_block(frames)
 
     def encode_full(self, frames: torch.Tensor) -> torch.Tensor:
         """Non-streaming reference: encode a whole video at once (state untouched)."""

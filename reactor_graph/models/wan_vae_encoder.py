@@ -50,7 +50,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from reactor_graph.models.streaming import PHASE_FIRST, PHASE_STEADY, StreamingDecoder
+from reactor_graph.models.streaming import PHASE_FIRST, StreamingDecoder
 from reactor_graph.models.wan_vae import (
     WAN21_LATENT_MEAN,
     WAN21_LATENT_STD,
@@ -260,14 +260,9 @@ class WanVAEEncoder(StreamingDecoder):
         return self._latents(self.encoder(x, stream=True, phase=phase))
 
     def encode_block(self, frames: torch.Tensor) -> torch.Tensor:
-        """Encode the session's next block: ``4t - 3`` frames the first time, ``4t`` after -> ``t`` latents."""
-        self._ensure_state(frames)
-        out = self.block_forward(frames, self.phase)
-        self.phase = PHASE_STEADY
-        return out
-
-    def decode_block(self, latents):  # the base class's name; an encoder encodes
-        return self.encode_block(latents)
+        """Encode the session's next block: ``4t - 3`` frames the first time, ``4t`` after -> ``t`` latents (the
+        base class's streaming step, `decode_block` by its name there)."""
+        return self.decode_block(frames)
 
     def encode_full(self, frames: torch.Tensor) -> torch.Tensor:
         """Non-streaming reference: encode a whole video at once (state untouched)."""

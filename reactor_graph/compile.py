@@ -216,8 +216,11 @@ class CompiledHotPath:
         return record
 
     def static_inputs(self, inputs: dict[Source, Any]) -> dict[Source, Any]:
-        """A capture's input buffers: prologue outputs that live in fixed buffers (noise) are used in place
-        (no copy per block); the rest are copies the replay refreshes."""
+        """What warm-up and capture run on: in cudagraph mode the capture's input buffers (prologue outputs that
+        live in fixed buffers, noise, are used in place: no copy per block; the rest are copies the replay
+        refreshes); in compile mode the inputs themselves."""
+        if self.mode == "compile":
+            return inputs
         return {s: v if s.node in self.prologue or not isinstance(v, torch.Tensor) else v.clone()
                 for s, v in inputs.items()}
 
@@ -226,7 +229,7 @@ class CompiledHotPath:
         record = self.record_for(key, phases)
         held = self.probe.take() if self.probe else None  # warm-up and capture are no block's marks
         try:
-            static = inputs if self.mode == "compile" else self.static_inputs(inputs)
+            static = self.static_inputs(inputs)
             self.warm(record, record.segment, static)
             if self.mode == "cudagraph":
                 self.capture(record, static)

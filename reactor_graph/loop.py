@@ -186,36 +186,36 @@ class Engine(HostFeatures):
         ex = build_executor(self.hot, self.mode, self.device, self.compile_backend, probe=self.probe)
         if isinstance(ex, CompiledHotPath):
             cache = self.load_compile_cache()
-            verb = "capturing" if self.mode == "cudagraph" else "compiling"
-            self.reset_nodes()  # warm-up writes node state (KV caches): reset before and after
-            with torch.inference_mode():
-                self.run_on_change()
-                keys = self.phase_keys()
-                for i, key in enumerate(keys):
-                    say(f"{verb} phase {key[0]} of the hot path ({i + 1}/{len(keys)})")
-                    ex.warm_up([key], self.external)
-            self.reset_nodes()
+            self._warm_up(ex, "capturing" if self.mode == "cudagraph" else "compiling", "the hot path", say)
             if cache is not None:
                 cache.save()
         self.executor = ex
         return ex
+
+    def _warm_up(self, ex: CompiledHotPath | None, verb: str, what: str,
+                 say: Callable[[str], None]) -> tuple[list, dict[Source, Any]]:
+        """Build `ex`'s record of every phase key on real inputs from the current slots (None: only run the
+        on-change nodes). Returns the phase keys and the hot path's external inputs as they were."""
+        keys = self.phase_keys()
+        self.reset_nodes()  # warm-up writes node state (KV caches): reset before and after
+        with torch.inference_mode():
+            self.run_on_change()
+            for i, key in enumerate(keys if ex is not None else ()):
+                say(f"{verb} phase {key[0]} of {what} ({i + 1}/{len(keys)})")
+                ex.warm_up([key], self.external)
+            external = self.external()
+        self.reset_nodes()
+        return keys, external
 
     def _prepare_tiered(self, say: Callable[[str], None]) -> TieredHotPath:
         """The quick tier now (cudagraph: eager code captured, phase by phase; compile: eager), the compiled tier
         in the background (tiers.py)."""
         quick: Callable = self.hot
         name = "eager"
-        keys = self.phase_keys()
-        self.reset_nodes()
-        with torch.inference_mode():
-            self.run_on_change()
-            if self.mode == "cudagraph":
-                quick, name = build_executor(self.hot, "cudagraph", self.device, "none"), "eager-captured"
-                for i, key in enumerate(keys):
-                    say(f"capturing phase {key[0]} of the eager hot path ({i + 1}/{len(keys)})")
-                    quick.warm_up([key], self.external)
-            external = self.external()
-        self.reset_nodes()
+        if self.mode == "cudagraph":
+            quick, name = build_executor(self.hot, "cudagraph", self.device, "none"), "eager-captured"
+        keys, external = self._warm_up(quick if name == "eager-captured" else None, "capturing",
+                                       "the eager hot path", say)
         hot, mode, device, backend = self.hot, self.mode, self.device, self.compile_backend
 
         def build(tier: TieredHotPath):

@@ -79,7 +79,6 @@ class TieredHotPath:
     """The per-block executor of a tiered start: the quick tier until the compiled tier is built, then it."""
 
     def __init__(self, quick: Callable, quick_name: str, build: Callable[[TieredHotPath], CompiledHotPath]):
-        self.current: Callable = quick
         self.quick = quick
         self.compiled: CompiledHotPath | None = None
         self.serving = quick_name  # eager | eager-captured | compiled
@@ -149,7 +148,7 @@ class TieredHotPath:
                           self.serving)
                 return
         self.switch_ms = (time.perf_counter() - t0) * 1000
-        self.current, self.compiled, self.quick = built, built, None
+        self.compiled, self.quick = built, None
         self.serving, self.progress, self.switched_block = "compiled", "compiled", self.calls
         log.info("now serving the compiled hot path (from block %d; the switch took %.0f ms)", self.calls,
                  self.switch_ms)
@@ -159,7 +158,8 @@ class TieredHotPath:
         if self._built is not None:
             self._switch()
         self.calls += 1
-        return self.current(external, phases, versions)
+        serving = self.compiled if self.compiled is not None else self.quick
+        return serving(external, phases, versions)
 
     def status(self) -> dict:
         return {"serving": self.serving, "progress": self.progress, "error": self.error, "switch_ms": self.switch_ms,
@@ -194,8 +194,7 @@ def build_compiled_tier(tier: TieredHotPath, hot: HotPath, mode: str, device: to
             tier.say(f"compiling phase {i + 1}/{len(phase_list)}")
             record = built.record_for(key, phases)
             inputs = twin.segment_inputs(twin.run_prologue(dict(external), phases))
-            warm_in = inputs if mode == "compile" else twin.static_inputs(inputs)
-            built.warm(record, Segment(shadow, built.captured, phases), warm_in)
+            built.warm(record, Segment(shadow, built.captured, phases), built.static_inputs(inputs))
             if mode == "cudagraph" and not (isinstance(quick, CompiledHotPath) and key in quick.captures):
                 raise CaptureError(f"phase {key} has no captured buffers in the serving tier")
     return built

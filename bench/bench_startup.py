@@ -120,7 +120,7 @@ def caches(root: Path, name: str, reuse: str | None = None, keep_rg: str | None 
 
 
 def scenario(args, name: str, env_dirs: dict, start: str, graph: str, extra: list[str]) -> dict:
-    env = {**os.environ, **env_dirs, "RG_SPAWN_T": repr(time.time())}
+    env = {**os.environ, **env_dirs}
     cmd = [sys.executable, __file__, "child", "--graph", graph, "--start", start, "--compile", args.compile,
            "--blocks", str(args.blocks), "--max-seconds", str(args.child_seconds), *extra,
            *(["--random-weights"] if args.random_weights else [])]

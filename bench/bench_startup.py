@@ -31,6 +31,12 @@ from pathlib import Path
 
 def child(args) -> None:
     spawn = float(os.environ["RG_SPAWN_T"])
+    prof = None
+    if args.profile:  # where the main thread's time goes up to the first frame (imports included)
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     import logging
 
     import torch  # noqa: F401
@@ -60,6 +66,9 @@ def child(args) -> None:
         if b.index == 0:
             b.video()  # on the host: the first frame a viewer could get
             rec["first_frame_s"] = time.time() - spawn
+            if prof is not None:
+                prof.disable()
+                write_profile(prof, args.profile)
         serving = engine.serving()["serving"]
         blocks.append({"i": b.index, "t": now, "ms": engine.stats.last_block_s * 1000, "serving": serving})
         if b.index in swap_at.get("blocks", {}):
@@ -109,6 +118,17 @@ def child(args) -> None:
     os._exit(0)  # a compile still under way in the background must not hold (or abort) the exit
 
 
+def write_profile(prof, path: str) -> None:
+    import io
+    import pstats
+
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    stats.sort_stats("cumulative").print_stats(70)
+    stats.sort_stats("tottime").print_stats(30)
+    Path(path).write_text(buf.getvalue())
+
+
 def caches(root: Path, name: str, reuse: str | None = None, keep_rg: str | None = None) -> dict[str, str]:
     base = root / (reuse or name)
     env = {"TORCHINDUCTOR_CACHE_DIR": str(base / "inductor"), "TRITON_CACHE_DIR": str(base / "triton"),
@@ -154,6 +174,7 @@ def main() -> None:
     c.add_argument("--stop-early", action="store_true", help="stop after --blocks without waiting for compile")
     c.add_argument("--swap", default=None, help="TARGET:ALTERNATIVE, once the compiled tier serves")
     c.add_argument("--random-weights", action="store_true")
+    c.add_argument("--profile", default=None, help="write a cProfile of the way to the first frame here")
     ap.add_argument("--graph", default="graphs/demo.yaml")
     ap.add_argument("--swap-graph", default=None)
     ap.add_argument("--swap", default="decode:decode_other")
@@ -167,6 +188,7 @@ def main() -> None:
                     help="whose filled caches the restart scenarios reuse (tiered_fresh: it then runs until "
                          "its compiled tier serves, and full_fresh need not run)")
     ap.add_argument("--random-weights", action="store_true", help="(children) random weights for every node")
+    ap.add_argument("--profile-dir", default=None, help="(children) a cProfile to the first frame, per scenario")
     args = ap.parse_args()
     if args.cmd == "child":
         return child(args)
@@ -189,6 +211,9 @@ def main() -> None:
         if name == "swap" and not args.swap_graph:
             continue
         dirs, start, graph, extra = plans[name]
+        if args.profile_dir:
+            Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
+            extra = [*extra, "--profile", str(Path(args.profile_dir) / f"{name}.txt")]
         runs.append(scenario(args, name, dirs(), start, graph, extra))
     import torch
 

@@ -14,7 +14,7 @@ Heavier than TAEHV (full-resolution 3D convolutions) but the latents of the VAE 
 Compilation: `compile: regional` (default). The engine traces and compiles the hot path once per phase key (a Wan
 DiT's KV cache has 8); traced with it, this encoder's convolutions would be compiled again for every key. Instead
 the node compiles the model's block encode itself (`compile_regions`, the engine's compile function: one graph per
-encoder phase, 2 in all) and hides it from the engine's trace (`torch.compiler.disable`, one graph break); a
+encoder phase, 2 in all) and hides it from the engine's trace (`not_traced`: torch.compiler.disable once a compile is set up, one graph break); a
 captured CUDA graph still holds the whole block. `compile: whole` lets the engine trace it like any node.
 Weights: `random` (PyTorch's default init, seeded), or a local `Wan2.1_VAE.pth` / `.safetensors` (its encoder half;
 the width is read from the file).
@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from reactor_graph.models.streaming import PHASE_FIRST, PHASE_STEADY
 from reactor_graph.node import Node, Port, register
+from reactor_graph.untraced import not_traced
 from reactor_graph.weights import RANDOM, resolve_weights
 
 
@@ -91,7 +92,7 @@ class WanVAEEncoderNode(Node):
         if self.params.compile == "regional" and self._encode is None:
             self._encode = compile(self.model.block_forward)  # `phase` is an int: one graph per phase
 
-    @torch.compiler.disable
+    @not_traced
     def _regional(self, x, phase: int):
         return self._encode(x, phase)
 

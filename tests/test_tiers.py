@@ -234,3 +234,26 @@ def test_compile_cache_round_trip(tiny_engine, tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="reactor_graph"):
         assert not cc.CompileCache(engine.plan, engine.device, "compile").load()
     assert "could not be read (truncated)" in caplog.text
+
+
+def test_an_eager_start_of_every_shipped_graph_never_imports_dynamo(tmp_path):
+    """Importing Dynamo costs seconds before the first frame; an eager start (and a tiered start's first tier)
+    never traces, so loading every built-in node type and running the demo must not import it (a node method
+    marked with torch.compiler.disable at class creation would)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from reactor_graph.node import registry\n"
+        "from reactor_graph.loop import Engine\n"
+        "from reactor_graph.plan import load_plan\n"
+        "types = registry()\n"
+        "e = Engine(load_plan('graphs/demo.yaml'), compile='eager').load()\n"
+        "e.run_block(0)\n"
+        "print(len(types), 'torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    n, imported = out.stdout.split()
+    assert int(n) > 10 and imported == "False", out.stdout

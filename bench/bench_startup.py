@@ -188,6 +188,9 @@ def main() -> None:
                     help="whose filled caches the restart scenarios reuse (tiered_fresh: it then runs until "
                          "its compiled tier serves, and full_fresh need not run)")
     ap.add_argument("--random-weights", action="store_true", help="(children) random weights for every node")
+    ap.add_argument("--first-frames", action="store_true",
+                    help="every child stops after --blocks: first frames only (a restart then reuses the Triton "
+                         "and CUDA caches of tiered_fresh, not a finished compile)")
     ap.add_argument("--profile-dir", default=None, help="(children) a cProfile to the first frame, per scenario")
     args = ap.parse_args()
     if args.cmd == "child":
@@ -211,6 +214,8 @@ def main() -> None:
         if name == "swap" and not args.swap_graph:
             continue
         dirs, start, graph, extra = plans[name]
+        if args.first_frames and "--stop-early" not in extra:
+            extra = [*extra, "--stop-early"]
         if args.profile_dir:
             Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
             extra = [*extra, "--profile", str(Path(args.profile_dir) / f"{name}.txt")]

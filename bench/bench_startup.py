@@ -37,6 +37,7 @@ def child(args) -> None:
 
         prof = cProfile.Profile()
         prof.enable()
+        watch_imports(args.profile + ".imports")
     import logging
 
     import torch  # noqa: F401
@@ -118,6 +119,32 @@ def child(args) -> None:
     os._exit(0)  # a compile still under way in the background must not hold (or abort) the exit
 
 
+WATCHED = ("torch._dynamo", "torch.distributed.fsdp", "sympy", "transformers", "torch._inductor", "triton",
+           "torch._higher_order_ops.triton_kernel_wrap", "aiortc", "av")
+
+
+def watch_imports(path: str) -> None:
+    """Append to `path`, for each module in WATCHED, the thread and the stack that imported it first (which
+    code on the way to the first frame pulls in the heavy modules)."""
+    import threading
+    import traceback
+
+    seen: set[str] = set()
+
+    class Watch:
+        @staticmethod
+        def find_spec(name, *_):
+            if name in WATCHED and name not in seen:
+                seen.add(name)
+                stack = "".join(traceback.format_stack(limit=40)[:-1])
+                with open(path, "a") as f:
+                    f.write(f"== {name} at {time.time() - float(os.environ['RG_SPAWN_T']):.2f} s, thread "
+                            f"{threading.current_thread().name}\n{stack}\n")
+            return None
+
+    sys.meta_path.insert(0, Watch)
+
+
 def write_profile(prof, path: str) -> None:
     import io
     import pstats
@@ -133,7 +160,10 @@ def caches(root: Path, name: str, reuse: str | None = None, keep_rg: str | None 
     base = root / (reuse or name)
     env = {"TORCHINDUCTOR_CACHE_DIR": str(base / "inductor"), "TRITON_CACHE_DIR": str(base / "triton"),
            "CUDA_CACHE_PATH": str(base / "cuda"),
-           "REACTOR_GRAPH_CACHE_DIR": str(root / (keep_rg or reuse or name) / "reactor-graph")}
+           "REACTOR_GRAPH_CACHE_DIR": str(root / (keep_rg or reuse or name) / "reactor-graph"),
+           # Python's own bytecode cache: an installed package has it (pip writes it); a machine whose
+           # site-packages cannot take it recompiles torch's sources in every process (seconds)
+           "PYTHONPYCACHEPREFIX": str(base / "pycache")}
     if reuse is None:
         shutil.rmtree(base, ignore_errors=True)
     return env
@@ -141,6 +171,10 @@ def caches(root: Path, name: str, reuse: str | None = None, keep_rg: str | None 
 
 def scenario(args, name: str, env_dirs: dict, start: str, graph: str, extra: list[str]) -> dict:
     env = {**os.environ, **env_dirs}
+    if args.no_pycache:
+        env.pop("PYTHONPYCACHEPREFIX")
+    else:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
     cmd = [sys.executable, __file__, "child", "--graph", graph, "--start", start, "--compile", args.compile,
            "--blocks", str(args.blocks), "--max-seconds", str(args.child_seconds), *extra,
            *(["--random-weights"] if args.random_weights else [])]
@@ -191,6 +225,8 @@ def main() -> None:
     ap.add_argument("--first-frames", action="store_true",
                     help="every child stops after --blocks: first frames only (a restart then reuses the Triton "
                          "and CUDA caches of tiered_fresh, not a finished compile)")
+    ap.add_argument("--no-pycache", action="store_true",
+                    help="children use the interpreter's own bytecode caching (no per-scenario PYTHONPYCACHEPREFIX)")
     ap.add_argument("--profile-dir", default=None, help="(children) a cProfile to the first frame, per scenario")
     args = ap.parse_args()
     if args.cmd == "child":

@@ -6,6 +6,7 @@
 # its first frame, and `python -X importtime` of the start path's imports. Everything under $OUT/first_frame.
 # Expects bench/device_setup.sh to have run (PYTHONPATH=/tmp/site).
 D="$OUT/first_frame"; mkdir -p "$D"
+{ echo "PYTHONDONTWRITEBYTECODE=$PYTHONDONTWRITEBYTECODE"; python3 -c "import sys, torch, os; print(sys.dont_write_bytecode, sys.pycache_prefix, os.access(os.path.dirname(torch.__file__), os.W_OK))"; ls -la "$(python3 -c "import torch, os; print(os.path.dirname(torch.__file__))")/__pycache__" | head -5; } > "$D/env.txt" 2>&1
 python3 -X importtime -c "import torch, reactor_graph.loop, reactor_graph.plan" 2> "$D/importtime.txt"
 sort -t'|' -k2 -n -r "$D/importtime.txt" | head -25 > "$D/importtime_top.txt"
 timeout 60 python3 bench/bench_startup.py --graph graphs/demo.yaml --first-frames --restart-from tiered_fresh \

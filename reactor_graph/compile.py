@@ -35,9 +35,15 @@ def compile_function(fn: Callable, backend: str, counted: Callable[[], None] | N
     compile; one after warm-up is a recompile). Backend "none" returns `fn` itself."""
     if backend == "none":
         return fn
+    import torch._dynamo  # here, not at start: an eager start and a quick tier never pay its import
     from torch._dynamo.backends.registry import lookup_backend
 
     not_traced.apply()
+    # Dynamo keeps a bounded number of compiled entries per code object (8 by default) and silently runs
+    # the rest uncompiled; a graph has one entry per phase key (and nodes compile regions of their own).
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
 
     inner = lookup_backend(backend)
 
@@ -349,9 +355,4 @@ def build_executor(hot: HotPath, mode: str, device: torch.device, backend: str =
         return hot
     if mode not in MODES:
         raise CaptureError(f"unknown compile mode '{mode}'; choose one of {', '.join(MODES)}")
-    # Dynamo keeps a bounded number of compiled entries per code object (8 by default) and silently runs
-    # the rest uncompiled; a graph has one entry per phase key (and nodes compile regions of their own).
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
     return CompiledHotPath(hot, mode, device, backend=backend, probe=probe)

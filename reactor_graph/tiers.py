@@ -14,6 +14,10 @@ quick tier keeps serving). In cudagraph mode the compiled graphs are captured at
 thread, over the live nodes and the quick tier's own input buffers (recording runs nothing on the device, so it
 costs milliseconds, and no capture ever overlaps the stream's CUDA calls).
 
+The build waits until the first block has been served (or `START_AFTER_S` without a block: a server waiting for
+its first client): it shares the GIL and, at first, the import machinery (Dynamo's import alone is seconds of
+Python) with the stream's thread, which must not be slowed on its way to the first frame.
+
 `TieredHotPath` is the executor the engine calls every block: at the first call after the build finished it
 switches tiers (a block boundary), and from then on only the compiled tier runs. If the build fails, the quick
 tier goes on serving and the reason is logged and shown (`status()`: log, /health, the page).
@@ -78,6 +82,8 @@ def _modules_of(obj: Any, depth: int = 3) -> list[torch.nn.Module]:
 class TieredHotPath:
     """The per-block executor of a tiered start: the quick tier until the compiled tier is built, then it."""
 
+    START_AFTER_S = 3.0  # the build starts when the first block is served, or after this long without one
+
     def __init__(self, quick: Callable, quick_name: str, build: Callable[[TieredHotPath], CompiledHotPath]):
         self.quick = quick
         self.compiled: CompiledHotPath | None = None
@@ -90,6 +96,7 @@ class TieredHotPath:
         self.switch_ms: float | None = None  # the switch's own stall (cudagraph: capturing the compiled graphs)
         self.calls = 0
         self.cancelled = threading.Event()
+        self._go = threading.Event()  # set once the first block has been served (or by wait/cancel)
         self._built: CompiledHotPath | None = None
         self._build = build
         self._thread = threading.Thread(target=self._run, name="reactor-graph-compile", daemon=True)
@@ -99,6 +106,9 @@ class TieredHotPath:
         return self
 
     def _run(self) -> None:
+        self._go.wait(self.START_AFTER_S)
+        if self.cancelled.is_set():
+            return
         try:
             built = self._build(self)
             if not self.cancelled.is_set():
@@ -117,6 +127,7 @@ class TieredHotPath:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the background build ends (tests, benches); True if the compiled tier is ready."""
+        self._go.set()
         self._thread.join(timeout)
         return self._built is not None or self.compiled is not None
 
@@ -127,6 +138,7 @@ class TieredHotPath:
     def cancel(self) -> None:
         """The engine moved on (a swap, a probe): the build's result is not used; it stops at its next phase."""
         self.cancelled.set()
+        self._go.set()
 
     def _switch(self) -> None:
         """At a block boundary, on the stream's thread. In cudagraph mode the compiled graphs are captured here,
@@ -157,6 +169,8 @@ class TieredHotPath:
                  versions: dict[Source, int] | None = None) -> dict[str, Any]:
         if self._built is not None:
             self._switch()
+        if self.calls:  # the first block has been served (and delivered): the build may take its share now
+            self._go.set()
         self.calls += 1
         serving = self.compiled if self.compiled is not None else self.quick
         return serving(external, phases, versions)

@@ -238,8 +238,9 @@ def test_compile_cache_round_trip(tiny_engine, tmp_path, monkeypatch, caplog):
 
 def test_an_eager_start_of_every_shipped_graph_never_imports_dynamo(tmp_path):
     """Importing Dynamo costs seconds before the first frame; an eager start (and a tiered start's first tier)
-    never traces, so loading every built-in node type and running the demo must not import it (a node method
-    marked with torch.compiler.disable at class creation would)."""
+    never traces, so loading every built-in node type, running the demo and building a quick tier's executor
+    must not import it (a node method marked with torch.compiler.disable at class creation would, and so did
+    setting Dynamo's config when any executor was built)."""
     import subprocess
     import sys
 
@@ -251,9 +252,37 @@ def test_an_eager_start_of_every_shipped_graph_never_imports_dynamo(tmp_path):
         "types = registry()\n"
         "e = Engine(load_plan('graphs/demo.yaml'), compile='eager').load()\n"
         "e.run_block(0)\n"
+        "from reactor_graph.compile import build_executor\n"
+        "build_executor(e.hot, 'compile', e.device, 'none')  # as a quick tier's executor is built\n"
         "print(len(types), 'torch._dynamo' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
     n, imported = out.stdout.split()
     assert int(n) > 10 and imported == "False", out.stdout
+
+
+def test_the_background_build_waits_for_the_first_block_or_an_idle_while(monkeypatch):
+    """The build shares the GIL with the stream's thread: it starts once the first block has been served, or
+    after START_AFTER_S with no block at all (a server waiting for its first client)."""
+    from reactor_graph.tiers import TieredHotPath
+
+    started = threading.Event()
+
+    def build(tier):
+        started.set()
+        raise RuntimeError("no compiled tier in this test")
+
+    tier = TieredHotPath(lambda external, phases, versions=None: {"x": 1}, "eager", build).start()
+    assert tier.building and not started.wait(0.3)  # loaded, nothing served yet
+    assert tier({}, {}) == {"x": 1}
+    assert not started.wait(0.3)  # the first block is being delivered
+    tier({}, {})
+    assert started.wait(5) and tier.wait(5) is False and "no compiled tier" in tier.error
+    assert tier({}, {}) == {"x": 1} and tier.serving == "eager"  # the quick tier goes on
+
+    monkeypatch.setattr(TieredHotPath, "START_AFTER_S", 0.2)
+    started.clear()
+    idle = TieredHotPath(lambda external, phases, versions=None: {}, "eager", build).start()
+    assert started.wait(5)  # no block came: it started anyway
+    idle.wait(5)

@@ -19,8 +19,9 @@ every measured block is the rolling phase, the cost of an endless stream):
    (what a camera faster than the model gives): frames/s = output frames / wall time of the measured blocks,
    block time p50/p95 (boundary -> the block's frames on the host), time to the first frame.
 2. real time: a camera thread feeds frames at `--camera-fps` (the graph's 16), stamped when fed; the output is
-   played at the graph's fps from a lossless queue of `--queue` frames (the server's input_queue_frames when a
-   model takes a camera), so the engine waits for room as it does when serving. For every camera frame a
+   played at the graph's fps from a lossless queue sized as the server sizes it when a model takes a camera
+   (`just_in_time_frames`: what plays while one block is made, at least `--queue` frames, the server's
+   input_queue_frames), so the engine waits for room as it does when serving. For every camera frame a
    measured block read for the first time (the newest T of the slot): arrival -> that block's frames on the host
    (`ready`) and -> the block's first frame played (`shown`), p50/p95; frames replaced before any block read
    them are counted as skipped. WebRTC (encode, network, decode) is not included: bench/bench_camera.py
@@ -43,6 +44,8 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+
+from reactor_graph.server.media_in import just_in_time_frames  # no aiortc/av at import: runs on the GPU box
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = time.perf_counter()
@@ -75,7 +78,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--blocks", type=int, default=12, help="measured blocks, throughput session")
     ap.add_argument("--realtime-blocks", type=int, default=16, help="measured blocks, real-time session")
     ap.add_argument("--camera-fps", type=float, default=None, help="default: the graph's fps")
-    ap.add_argument("--queue", type=int, default=2, help="output frames queued before the engine waits")
+    ap.add_argument("--queue", type=int, default=2,
+                    help="the fewest output frames queued before the engine waits (the server's input_queue_frames)")
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds from start: the real-time session is shortened or skipped to end by then")
     ap.add_argument("--tiny", action="store_true", help="the graph at toy size (CPU smoke test)")
@@ -199,6 +203,7 @@ def realtime(engine, slot: str, fps_out: float, camera_fps: float, queue: int, w
     cam = Camera(engine, slot, camera_fps)
     rows = []  # (used_seq, window T, ready, shown first, live)
     play = {"next": 0.0, "times": []}
+    caps = []  # the queue's capacity at each block
 
     def on_block(b):
         b.video()
@@ -209,7 +214,9 @@ def realtime(engine, slot: str, fps_out: float, camera_fps: float, queue: int, w
             times.append(t)
             play["next"] = t + 1.0 / fps_out
         rows.append((feed.used_seq, b.frames, ready, times[-b.frames], feed.live))
-        wait_until = times[-queue - 1] if len(times) > queue else ready  # lossless: room for the last frame
+        cap = just_in_time_frames(engine.stats.last_block_s, fps_out, queue)  # as the server sizes it
+        caps.append(cap)
+        wait_until = times[-cap - 1] if len(times) > cap else ready  # lossless: room for the last frame
         time.sleep(max(0.0, wait_until - perf()))
         if len(rows) % 8 == 0:
             say(f"  real time: block {len(rows)}/{warmup + blocks}")
@@ -240,6 +247,7 @@ def realtime(engine, slot: str, fps_out: float, camera_fps: float, queue: int, w
     meas = rows[warmup:]
     span = meas[-1][2] - rows[warmup - 1][2] if warmup > 0 else meas[-1][2] - meas[0][2]
     return {"blocks": len(meas), "camera_fps": camera_fps, "output_fps_target": fps_out, "queue_frames": queue,
+            "queue_capacity_frames": caps[warmup:] if len(caps) > warmup else caps,
             "camera_frames_fed": len(cam.arrivals), "camera_frames_used": len(ready_lat), "skipped": skipped,
             "not_live_blocks": sum(not r[4] for r in meas),
             "output_fps": round(sum(r[1] for r in meas) / span, 2) if span > 0 else None,

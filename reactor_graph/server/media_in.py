@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 import weakref
@@ -27,6 +28,20 @@ import numpy as np
 from ..inputs import to_yuv420p
 
 log = logging.getLogger("reactor_graph.server")
+
+
+def just_in_time_frames(block_s: float | None, fps: float, floor: int) -> int:
+    """The outgoing queue's capacity when the picture follows the client's camera.
+
+    What the queue holds is latency between the camera and the screen, so it is kept short, but under the
+    lossless policy the engine starts its next block only once the last one is queued: a queue shorter than
+    one block's making time starves the player every block (a 436 ms block at 16 fps with 2 frames queued
+    plays 11.7 frames/s, not 16). So: the frames that play while one block is made (the last block's time,
+    25% more, and one frame), at least `floor`, at most 4 seconds."""
+    if not block_s or block_s <= 0 or fps <= 0:
+        return max(1, floor)
+    need = math.ceil(block_s * 1.25 * fps) + 1
+    return max(1, floor, min(need, math.ceil(4 * fps)))
 
 def own_size(frame: Any, most: tuple[int, int] = (720, 1280)) -> tuple[int, int]:
     """A frame's own size, even, scaled down to fit `most` (H, W)."""
@@ -146,11 +161,11 @@ class InboundMedia:
     def tracks(self) -> list[str]:
         return self.inputs.tracks() if self.inputs is not None else []
 
-    def queue_frames(self, settings: Any) -> int:
-        """The outgoing frame queue's capacity: short when the picture follows the client's camera (what the
-        queue holds is latency between the camera and what the client sees)."""
+    def queue_frames(self, settings: Any, block_s: float | None = None, fps: float = 0.0) -> int:
+        """The outgoing frame queue's capacity: when the picture follows the client's camera, just long enough
+        to play while the next block is made (`just_in_time_frames`, from the last block's time)."""
         if self.tracks():
-            return max(1, min(settings.queue_frames, settings.input_queue_frames))
+            return just_in_time_frames(block_s, fps, min(settings.queue_frames, settings.input_queue_frames))
         return settings.queue_frames
 
     def expect(self, pc: Any, mapping: list) -> None:

@@ -18,7 +18,7 @@ side() {  # base|head, graph tag, bench args...
   (cd "$dir" && PYTHONPATH=$pp python3 "$REPO/bench/bench_startup.py" --first-frames --restart-from tiered_fresh \
     --scenarios tiered_fresh,tiered_restart --root "/tmp/ab-$s-$tag" --json "$D/${tag}_$s.json" "$@" \
     > "$D/${tag}_$s.log" 2>&1)
-  echo "== $tag $s ($(cd "$dir" && PYTHONPATH=$pp python3 -c 'import reactor_graph, os; print(os.path.dirname(reactor_graph.__file__))'))"
+  echo "== $tag $s ($(cd / && PYTHONPATH=$pp python3 -c 'import reactor_graph, os; print(os.path.dirname(reactor_graph.__file__))'))"
   grep -E "first frame" "$D/${tag}_$s.log"
 }
 for s in base head; do side $s demo --graph graphs/demo.yaml --blocks 20 --child-seconds 50; done

@@ -80,6 +80,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--camera-fps", type=float, default=None, help="default: the graph's fps")
     ap.add_argument("--queue", type=int, default=2,
                     help="the fewest output frames queued before the engine waits (the server's input_queue_frames)")
+    ap.add_argument("--compare-fixed-queue", action="store_true",
+                    help="a second real-time session with the output queue fixed at --queue frames")
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds from start: the real-time session is shortened or skipped to end by then")
     ap.add_argument("--tiny", action="store_true", help="the graph at toy size (CPU smoke test)")
@@ -198,7 +200,8 @@ class Camera(threading.Thread):
             self.stop.wait(max(0.0, start + len(self.arrivals) * self.period - perf()))
 
 
-def realtime(engine, slot: str, fps_out: float, camera_fps: float, queue: int, warmup: int, blocks: int) -> dict:
+def realtime(engine, slot: str, fps_out: float, camera_fps: float, queue: int, warmup: int, blocks: int,
+             fit: bool = True) -> dict:
     feed = engine.inputs.feeds[slot]
     cam = Camera(engine, slot, camera_fps)
     rows = []  # (used_seq, window T, ready, shown first, live)
@@ -214,7 +217,7 @@ def realtime(engine, slot: str, fps_out: float, camera_fps: float, queue: int, w
             times.append(t)
             play["next"] = t + 1.0 / fps_out
         rows.append((feed.used_seq, b.frames, ready, times[-b.frames], feed.live))
-        cap = just_in_time_frames(engine.stats.last_block_s, fps_out, queue)  # as the server sizes it
+        cap = just_in_time_frames(engine.stats.last_block_s, fps_out, queue) if fit else queue  # as the server does
         caps.append(cap)
         wait_until = times[-cap - 1] if len(times) > cap else ready  # lossless: room for the last frame
         time.sleep(max(0.0, wait_until - perf()))
@@ -344,16 +347,25 @@ def run(args) -> dict:
         say(f"real-time session: {args.warmup} + {blocks} blocks, camera at {args.camera_fps or engine.fps} fps")
         report["realtime"] = realtime(engine, slot, engine.fps, args.camera_fps or engine.fps, args.queue,
                                       args.warmup, blocks)
-        r = report["realtime"]
-        say(f"  camera -> ready p50 {r['camera_to_ready'].get('p50_ms')} ms p95 {r['camera_to_ready'].get('p95_ms')}"
-            f" ms; -> shown p50 {r['camera_to_shown'].get('p50_ms')} ms p95 {r['camera_to_shown'].get('p95_ms')} ms; "
-            f"output {r['output_fps']} frames/s")
+        say_realtime(report["realtime"])
+        if args.compare_fixed_queue:  # the same session with the queue fixed at --queue frames (the old sizing)
+            write()
+            say(f"real-time session, queue fixed at {args.queue} frames")
+            report["realtime_fixed_queue"] = realtime(engine, slot, engine.fps, args.camera_fps or engine.fps,
+                                                      args.queue, args.warmup, blocks, fit=False)
+            say_realtime(report["realtime_fixed_queue"])
     else:
         report["realtime"] = {"skipped": f"not enough time left before the deadline ({blocks} blocks)"}
         say("real-time session skipped: not enough time left")
     write()
     engine.stop(5)
     return report
+
+
+def say_realtime(r: dict) -> None:
+    say(f"  camera -> ready p50 {r['camera_to_ready'].get('p50_ms')} ms p95 {r['camera_to_ready'].get('p95_ms')}"
+        f" ms; -> shown p50 {r['camera_to_shown'].get('p50_ms')} ms p95 {r['camera_to_shown'].get('p95_ms')} ms; "
+        f"output {r['output_fps']} frames/s")
 
 
 def summary(paths: list[str]) -> None:

@@ -27,7 +27,7 @@ one the baseline (rows `MODE+KERNEL`, `attention` in the JSON: kernel asked -> r
 their ratio to the baseline). `--no-per-node` skips the probed session of each mode (a compiled mode compiles and
 captures again for it) to keep such a run short. The kernels' quality: bench/bench_attention_quality.py.
 
-No network: nothing is downloaded. Needs torch with CUDA, triton; transformers for the UMT5 node.
+No network: nothing is downloaded. Needs torch with CUDA, triton (transformers only for a UMT5 `tokenizer:` folder).
 """
 from __future__ import annotations
 
@@ -328,10 +328,10 @@ def main() -> int:
         tv = triton.__version__
     except ImportError:
         tv = None
-    try:
-        import transformers
-        trv = transformers.__version__
-    except ImportError:
+    try:  # the version only: importing transformers would cost seconds and pull in Dynamo
+        from importlib.metadata import PackageNotFoundError, version
+        trv = version("transformers")
+    except PackageNotFoundError:
         trv = None
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     say(f"torch {torch.__version__}, triton {tv}, transformers {trv}, python {platform.python_version()}, {name}")

@@ -1,19 +1,22 @@
 """UMT5 text encoder (Wan2.1's umt5-xxl) as an on-change node: a prompt -> T5 features [max_tokens, dim].
 
-Built with `transformers` (UMT5EncoderModel) from a local config, never downloaded. `transformers` is optional: a
-graph using this node validates without it, and loading says how to install it.
+The model is our own plain-torch encoder (reactor_graph/models/umt5.py) with Hugging Face's UMT5EncoderModel
+parameter names, built from a local config, never downloaded. `transformers` is not needed for it (importing it
+costs seconds of every start); only a real `tokenizer:` folder is read with transformers' AutoTokenizer, and
+loading such a node without it says how to install it.
 
 Params
     config      "umt5-xxl" (built-in: Wan2.1's text encoder, d_model 4096, 24 layers), "tiny" (built-in, for
                 tests), or a local folder holding config.json (e.g. Wan2.1-T2V-1.3B-Diffusers/text_encoder) or a
                 JSON file.
-    weights     "random" (seeded N(0, 1/fan_in) init, directly on the device), a local folder in
-                `from_pretrained` layout (config.json + safetensors, sharded or not), or one file (safetensors or
-                torch) with Hugging Face key names or Wan's own (`models_t5_umt5-xxl-enc-bf16.pth`: token_embedding,
-                blocks.N.attn.q, ...; mapped to Hugging Face names on load).
-    tokenizer   a local tokenizer folder (AutoTokenizer; e.g. google/umt5-xxl's files), or none: the deterministic
-                hashing word tokenizer of the text_encoder node (same ids on every machine, no vocabulary; fine for
-                random weights and tests, meaningless for real weights).
+    weights     "random" (seeded N(0, 1/fan_in) init, directly on the device), a local folder in Hugging Face
+                `from_pretrained` layout (model.safetensors, or shards and model.safetensors.index.json, or
+                pytorch_model.bin; its config.json, if there, must agree with `config`), or one file (safetensors
+                or torch) with Hugging Face key names or Wan's own (`models_t5_umt5-xxl-enc-bf16.pth`:
+                token_embedding, blocks.N.attn.q, ...; mapped to Hugging Face names on load).
+    tokenizer   a local tokenizer folder (AutoTokenizer, so this needs `transformers`; e.g. google/umt5-xxl's
+                files), or none: the deterministic hashing word tokenizer of the text_encoder node (same ids on
+                every machine, no vocabulary; fine for random weights and tests, meaningless for real weights).
     max_tokens  512 (Wan's text_len); the prompt is cut there.
 
 Prompt clean-up: as Wan's tokenizer (`clean='whitespace'`): `ftfy.fix_text` (mojibake such as "cafÃ©"), HTML
@@ -26,6 +29,7 @@ and zero-pads it to 512 before the DiT's text embedding); in the graph's dtype.
 """
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import re
@@ -34,10 +38,10 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from reactor_graph.models.umt5 import UMT5Config, UMT5EncoderModel, from_hf_state_dict
 from reactor_graph.node import Node, Port, register
 from reactor_graph.nodes.text_encoder import WordTokenizer
-from reactor_graph.weights import RANDOM, resolve_weights
-from reactor_graph.weights import read_state_dict, resolve
+from reactor_graph.weights import RANDOM, read_hf_folder, read_state_dict, resolve, resolve_weights
 
 PRESETS = {
     # google/umt5-xxl encoder, as Wan2.1 uses it
@@ -51,8 +55,9 @@ PRESETS = {
                  layer_norm_epsilon=1e-6, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1),
 }
 
-_INSTALL = ("the umt5_encoder node needs the `transformers` package, which is not installed here: "
-            "pip install 'transformers>=4.40' (it is not a dependency of reactor-graph itself)")
+_INSTALL = ("the umt5_encoder node reads a `tokenizer:` folder with the `transformers` package (AutoTokenizer), "
+            "which is not installed here: pip install 'transformers>=4.40' sentencepiece (or 'reactor-graph[wan]'); "
+            "or leave `tokenizer` out for the built-in word tokenizer")
 
 
 def read_config(config: str, root) -> dict:
@@ -123,11 +128,11 @@ def hf_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def init_random_t5_(model, cfg: dict, seed: int) -> None:
+def init_random_t5_(model: UMT5EncoderModel, cfg: UMT5Config, seed: int) -> None:
     """N(0, 1/fan_in) weights (q further scaled by 1/sqrt(d_kv): T5 does not scale attention scores; outputs by
     1/sqrt(2*layers)), unit norms, N(0, 1) embeddings: activations stay O(1) in bf16."""
     g = None
-    layers = max(1, cfg["num_layers"])
+    layers = max(1, cfg.num_layers)
     for name, p in model.named_parameters():
         if g is None:
             g = torch.Generator(device=p.device).manual_seed(seed)
@@ -140,7 +145,7 @@ def init_random_t5_(model, cfg: dict, seed: int) -> None:
         else:
             std = p.shape[1] ** -0.5
             if name.endswith("SelfAttention.q.weight"):
-                std /= cfg["d_kv"] ** 0.5
+                std /= cfg.d_kv ** 0.5
             elif name.endswith(("SelfAttention.o.weight", "DenseReluDense.wo.weight")):
                 std /= (2 * layers) ** 0.5
             p.normal_(0.0, std, generator=g)
@@ -148,8 +153,9 @@ def init_random_t5_(model, cfg: dict, seed: int) -> None:
 
 @register("umt5_encoder")
 class UMT5Encoder(Node):
-    description = ("UMT5 text encoder (Wan2.1's umt5-xxl) via transformers: prompt -> T5 features [L, D], zero "
-                   "after the prompt's tokens; runs only when the prompt changes.")
+    description = ("UMT5 text encoder (Wan2.1's umt5-xxl; our own torch model, HF/Wan checkpoints load as they "
+                   "are): prompt -> T5 features [L, D], zero after the prompt's tokens; runs only when the prompt "
+                   "changes.")
     accepts_random_weights = True
 
     class Params(BaseModel):
@@ -157,7 +163,8 @@ class UMT5Encoder(Node):
         config: str = Field("umt5-xxl", description="'umt5-xxl', 'tiny', or a local config folder / JSON file")
         weights: str = Field(RANDOM, description="'random', a local from_pretrained folder, or a safetensors/torch "
                                                  "file (HF or Wan key names)")
-        tokenizer: str | None = Field(None, description="local tokenizer folder; none: hashing word tokenizer")
+        tokenizer: str | None = Field(None, description="local tokenizer folder (needs transformers); none: "
+                                                        "hashing word tokenizer")
         max_tokens: int = Field(512, ge=1, le=4096, description="tokens kept (Wan: 512)")
         dim: int | None = Field(None, description="feature width; must equal the config's d_model (4096)")
         layers: int | None = Field(None, ge=1, le=64, description="fewer layers (random weights only; smoke tests)")
@@ -173,13 +180,14 @@ class UMT5Encoder(Node):
             if p.weights != RANDOM:
                 raise ValueError("layers can only be changed with `weights: random` (a checkpoint fixes the depth)")
             self.config["num_layers"] = p.layers
-        d = self.config["d_model"]
+        self.arch = UMT5Config.from_dict(self.config, f"config '{p.config}'")
+        d = self.arch.d_model
         if p.dim is not None and p.dim != d:
             raise ValueError(f"dim is {p.dim} but the config's d_model is {d}")
         self.dim = d
         self.tokenizer = None
         self._fix_text = _ftfy()
-        self.word_tokenizer = WordTokenizer(self.config["vocab_size"], p.max_tokens)
+        self.word_tokenizer = WordTokenizer(self.arch.vocab_size, p.max_tokens)
 
     def ports(self):
         return dict(self.inputs), {"embeds": Port("tensor", "float", (self.params.max_tokens, self.dim),
@@ -187,46 +195,60 @@ class UMT5Encoder(Node):
 
     def load(self, device, dtype):
         super().load(device, dtype)
+        p = self.params
+        if p.tokenizer:  # before the weights: a missing package should not cost an 11 GB read first
+            self.tokenizer = self._load_tokenizer(resolve(p.tokenizer, self.graph.root))
+        with torch.device("meta"):
+            model = UMT5EncoderModel(self.arch)
+        model.to(dtype)
+        if p.weights == RANDOM:
+            model.to_empty(device=device)
+            init_random_t5_(model, self.arch, self.graph.seed + p.seed)
+        else:
+            path = resolve(p.weights, self.graph.root)
+            if path.is_dir():
+                self._check_folder_config(path)
+                sd = read_hf_folder(path)
+            else:
+                path = resolve_weights(p.weights, self.graph.root, "UMT5")
+                sd = read_state_dict(path)
+            self._load_weights(model, sd, path)
+            model.to(device)
+        self.model = model.eval().requires_grad_(False)
+
+    def _load_tokenizer(self, folder: Path):
+        if not folder.exists():
+            raise FileNotFoundError(f"tokenizer folder {folder} does not exist (tokenizers are read from local "
+                                    f"files only; leave `tokenizer` out for the built-in word tokenizer)")
         try:
-            from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+            from transformers import AutoTokenizer  # only here: its import costs seconds of every start
         except ImportError as exc:
             raise RuntimeError(f"{_INSTALL} ({exc})") from None
-        p = self.params
-        cfg = {k: v for k, v in self.config.items() if k not in ("architectures", "transformers_version")}
-        config = UMT5Config(**{**cfg, "is_encoder_decoder": False, "use_cache": False})
-        if p.weights != RANDOM and resolve(p.weights, self.graph.root).is_dir():
-            folder = resolve(p.weights, self.graph.root)
-            model = UMT5EncoderModel.from_pretrained(str(folder), config=config, dtype=dtype, local_files_only=True)
-            model.to(device=device, dtype=dtype)  # older transformers take torch_dtype, not dtype
-        else:
-            with torch.device("meta"):
-                model = UMT5EncoderModel(config)
-            model.to(dtype)
-            if p.weights == RANDOM:
-                model.to_empty(device=device)
-                model.encoder.embed_tokens.weight = model.shared.weight  # to_empty unties them
-                init_random_t5_(model, self.config, self.graph.seed + p.seed)
-            else:
-                self._load_file(model, resolve_weights(p.weights, self.graph.root, "UMT5"))
-                model.to(device)
-        self.model = model.eval().requires_grad_(False)
-        if p.tokenizer:
-            if self._fix_text is None:
-                raise RuntimeError("the umt5_encoder node cleans prompts as Wan does, with `ftfy`, which is not "
-                                   "installed here: pip install ftfy (or reactor-graph[wan])")
-            folder = resolve(p.tokenizer, self.graph.root)
-            if not folder.exists():
-                raise FileNotFoundError(f"tokenizer folder {folder} does not exist (tokenizers are read from local "
-                                        f"files only; leave `tokenizer` out for the built-in word tokenizer)")
-            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        if self._fix_text is None:
+            raise RuntimeError("the umt5_encoder node cleans prompts as Wan does, with `ftfy`, which is not "
+                               "installed here: pip install ftfy (or reactor-graph[wan])")
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+    def _check_folder_config(self, folder: Path) -> None:
+        """A from_pretrained folder's config.json describes its weights: fields that no tensor shape shows
+        (max_distance, eps, the FFN) must agree with the node's config too, or the features are silently wrong."""
+        f = folder / "config.json"
+        if not f.exists():
+            return
+        try:
+            theirs = UMT5Config.from_dict(json.loads(f.read_text()), str(f))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{f} is not readable JSON: {exc}") from None
+        diff = [f"{k}: {getattr(theirs, k)} there, {getattr(self.arch, k)} in config '{self.params.config}'"
+                for k in dataclasses.asdict(theirs) if getattr(theirs, k) != getattr(self.arch, k)]
+        if diff:
+            raise ValueError(f"UMT5 weights folder {folder}: its config.json differs from the node's config "
+                             f"({'; '.join(diff)}); set `config: {folder}`")
 
     @staticmethod
-    def _load_file(model, path: Path) -> None:
-        sd = hf_keys(read_state_dict(path))
-        if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
-            sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
-        sd.pop("encoder.embed_tokens.weight", None)
-        want = {k: v for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    def _load_weights(model: UMT5EncoderModel, sd: dict[str, torch.Tensor], path: Path) -> None:
+        sd = from_hf_state_dict(hf_keys(sd))
+        want = model.state_dict()
         missing = sorted(set(want) - set(sd))
         unexpected = sorted(set(sd) - set(want))
         bad = [f"{k} {list(sd[k].shape)} vs {list(want[k].shape)}" for k in want
@@ -237,8 +259,7 @@ class UMT5Encoder(Node):
 
             raise ValueError(f"UMT5 weights {path} do not fit the config: missing keys: {few(missing)}; unexpected "
                              f"keys: {few(unexpected)}; shape mismatches: {few(bad)}")
-        model.load_state_dict({k: sd[k].to(want[k].dtype) for k in want}, strict=False, assign=True)
-        model.encoder.embed_tokens.weight = model.shared.weight
+        model.load_state_dict({k: sd[k].to(want[k].dtype) for k in want}, assign=True)
 
     def tokenize(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         """ids, attention mask [1, max_tokens] (long)."""
@@ -254,5 +275,5 @@ class UMT5Encoder(Node):
         ids, mask = self.tokenize(text)
         ids, mask = ids.to(self.device), mask.to(self.device)
         with torch.no_grad():
-            h = self.model(input_ids=ids, attention_mask=mask).last_hidden_state[0]
+            h = self.model(ids, mask)[0]  # [L, D]
         return {"embeds": (h * mask[0, :, None].to(h.dtype)).to(self.dtype)}

@@ -1,6 +1,7 @@
 """Weights from local files only (safetensors or a torch checkpoint); never a download."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -32,6 +33,31 @@ def read_state_dict(path: str | Path, root: Path | None = None) -> dict[str, tor
             sd = sd[key]
     if not isinstance(sd, dict):
         raise ValueError(f"{p}: expected a state dict, got {type(sd).__name__}")
+    return sd
+
+
+# what a Hugging Face `save_pretrained` folder holds the weights in, in the order from_pretrained prefers them
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
+
+
+def read_hf_folder(folder: str | Path, root: Path | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of a Hugging Face `save_pretrained` folder, on the CPU: one `model.safetensors`, or the
+    shards a `model.safetensors.index.json` names (its `weight_map`), or the `pytorch_model.bin` equivalents."""
+    p = resolve(folder, root)
+    name = next((n for n in HF_WEIGHT_FILES if (p / n).exists()), None)
+    if name is None:
+        raise FileNotFoundError(f"weights folder {p} holds none of {', '.join(HF_WEIGHT_FILES)} (the files of a "
+                                f"Hugging Face from_pretrained folder); point `weights:` at a checkpoint file instead")
+    if not name.endswith(".index.json"):
+        return read_state_dict(p / name)
+    try:
+        shards = sorted(set(json.loads((p / name).read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise ValueError(f"{p / name} is not a shard index (JSON with a `weight_map` of key -> file): {exc}") from None
+    sd: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        sd.update(read_state_dict(p / shard))
     return sd
 
 

@@ -1,5 +1,6 @@
 """Wan model families as nodes: the shipped graphs validate, the tiny graph streams with the right frame counts,
-compiled equals eager with no recompiles, phases are bounded, weights errors name the path, UMT5 (if installed)."""
+compiled equals eager with no recompiles, phases are bounded, weights errors name the path, UMT5 (our model; against
+transformers' where installed)."""
 from __future__ import annotations
 
 import sys
@@ -215,35 +216,120 @@ def test_cross_attention_kv_is_a_small_part_of_a_block():
 
 # ------------------------------------------------------------------------------------------------ UMT5
 UMT5_TEXT = "type: umt5_encoder\n    params: {config: tiny, max_tokens: 8}"
+TINY_TEXT_ENCODER = ("type: text_encoder      # `{type: umt5_encoder, params: {config: tiny, max_tokens: 8}}`\n"
+                     "    params: {dim: 32, max_tokens: 8, heads: 2}")
 
 
-def test_umt5_graph_validates_without_transformers_and_load_says_how(write_graph, monkeypatch):
+def test_umt5_graph_loads_and_runs_without_transformers(write_graph, monkeypatch):
+    """Our own UMT5 model: with the built-in word tokenizer the node needs no `transformers` at all."""
     monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as if not installed
-    text = tiny_text(**{"type: text_encoder      # installed, `{type: umt5_encoder, params: {config: tiny, "
-                        "max_tokens: 8}}` fits too\n    params: {dim: 32, max_tokens: 8, heads: 2}": UMT5_TEXT})
-    plan = load_plan(write_graph(text))
+    plan = load_plan(write_graph(tiny_text(**{TINY_TEXT_ENCODER: UMT5_TEXT})))
     assert plan.nodes["text"].ports()[1]["embeds"].shape == (8, 32)
-    with pytest.raises(NodeError) as err:
-        Engine(plan, device="cpu").load()
-    assert "transformers" in str(err.value) and "pip install" in str(err.value)
-
-
-def test_umt5_tiny_runs_in_the_graph(write_graph):
-    pytest.importorskip("transformers")
-    text = tiny_text(**{"type: text_encoder      # installed, `{type: umt5_encoder, params: {config: tiny, "
-                        "max_tokens: 8}}` fits too\n    params: {dim: 32, max_tokens: 8, heads: 2}": UMT5_TEXT})
-    engine = Engine(load_plan(write_graph(text)), device="cpu").load()
+    engine = Engine(plan, device="cpu").load()
     enc = engine.nodes["text"]
     a, b = enc.forward("a red circle")["embeds"], enc.forward("a blue square moving right")["embeds"]
     assert a.shape == (8, 32) and torch.isfinite(a).all()
     assert a[:3].abs().sum(-1).min() > 0 and a[3:].abs().sum() == 0  # zero after the prompt's 3 tokens
     assert not torch.allclose(a[:3], b[:3])
+    assert torch.isfinite(enc.forward("")["embeds"]).all()  # every key masked: still no NaN
     blocks = run(engine, 2, change_at=0)
     assert [x.shape[0] for x in blocks] == [9, 12] and engine.stats.on_change_runs["text"] == 2
 
 
-def test_umt5_loads_hf_and_wan_named_files(tmp_path, write_graph):
+def test_umt5_tokenizer_folder_without_transformers_says_how(tmp_path, monkeypatch):
+    from reactor_graph.node import GraphInfo
+    from reactor_graph.nodes.umt5_encoder import UMT5Encoder
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    (tmp_path / "tok").mkdir()
+    node = UMT5Encoder("t", UMT5Encoder.Params(config="tiny", max_tokens=8, tokenizer="tok"),
+                       GraphInfo(64, 64, 16, root=tmp_path))
+    with pytest.raises(RuntimeError) as err:
+        node.load(torch.device("cpu"), torch.float32)
+    assert "tokenizer" in str(err.value) and "pip install 'transformers" in str(err.value)
+
+
+def test_umt5_import_and_tiny_load_import_neither_transformers_nor_dynamo():
+    """Each costs seconds of every start (transformers pulls in FSDP, sympy and Dynamo)."""
+    import subprocess
+
+    code = ("import sys, torch\n"
+            "import reactor_graph.nodes.umt5_encoder as m\n"
+            "from reactor_graph.node import GraphInfo\n"
+            "node = m.UMT5Encoder('t', m.UMT5Encoder.Params(config='tiny', max_tokens=8), GraphInfo(64, 64, 16))\n"
+            "node.load(torch.device('cpu'), torch.float32)\n"
+            "assert node.forward('a red circle')['embeds'].shape == (8, 32)\n"
+            "print(sorted(n for n in ('transformers', 'torch._dynamo') if n in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_umt5_model_masks_padding_and_buckets_as_t5():
+    from reactor_graph.models.umt5 import UMT5Config, UMT5EncoderModel, relative_position_buckets
+    from reactor_graph.nodes.umt5_encoder import PRESETS, init_random_t5_
+
+    # key - query distance -> bucket, UMT5-XXL's 32 buckets / 128: 16 a side, 8 exact, log-spaced to 128
+    b = relative_position_buckets(300, 32, 128)  # [L_q, L_k]
+    assert [b[0, 0], b[1, 0], b[7, 0], b[8, 0], b[16, 0], b[127, 0], b[299, 0]] == [0, 1, 7, 8, 10, 15, 15]
+    assert [b[0, 1], b[0, 7], b[0, 8], b[0, 299]] == [17, 23, 24, 31]
+    cfg = UMT5Config.from_dict(PRESETS["tiny"])
+    model = UMT5EncoderModel(cfg).eval()
+    init_random_t5_(model, cfg, 0)
+    biases = [blk.layer[0].SelfAttention.relative_attention_bias.weight for blk in model.encoder.block]
+    assert len(biases) == 2 and not torch.equal(*biases)  # one table per layer (T5 would share layer 0's)
+    ids = torch.randint(1, cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    padded = torch.cat([ids, torch.zeros(1, 20, dtype=torch.long)], 1)  # [1, 25]
+    mask = (padded != 0).long()
+    with torch.no_grad():
+        alone, with_pad, unmasked = model(ids), model(padded, mask), model(padded)
+    assert torch.allclose(with_pad[:, :5], alone, atol=1e-5)  # masked padding changes nothing
+    assert not torch.allclose(unmasked[:, :5], alone, atol=1e-3)
+
+
+def test_umt5_matches_transformers(tmp_path):
+    """Reference: Hugging Face's UMT5EncoderModel with the same weights, on a padded batch longer than
+    max_distance; and a folder HF saved (sharded) loads into the node unchanged."""
     pytest.importorskip("transformers")
+    from transformers import UMT5Config as HFConfig
+    from transformers import UMT5EncoderModel as HFModel
+
+    from reactor_graph.models.umt5 import UMT5Config, UMT5EncoderModel
+    from reactor_graph.node import GraphInfo
+    from reactor_graph.nodes.umt5_encoder import PRESETS, UMT5Encoder
+
+    torch.manual_seed(0)
+    hf = HFModel(HFConfig(**PRESETS["tiny"], is_encoder_decoder=False, use_cache=False)).eval()
+    with torch.no_grad():  # HF's init leaves the biases tiny: make them matter
+        for blk in hf.encoder.block:
+            blk.layer[0].SelfAttention.relative_attention_bias.weight.normal_(0.0, 1.0)
+    ours = UMT5EncoderModel(UMT5Config.from_dict(PRESETS["tiny"])).eval()
+    sd = hf.state_dict()
+    assert list(ours.state_dict()) == [k for k in sd if k != "encoder.embed_tokens.weight"]  # names and order
+    ours.load_state_dict({k: v for k, v in sd.items() if k != "encoder.embed_tokens.weight"})
+    ids = torch.randint(1, 512, (3, 40))  # [B, L]; tiny's max_distance is 16
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    mask[2, 4:] = 0
+    ids = ids * mask
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, D]
+        got = ours(ids, mask)
+    err = (got - want).abs().max().item()
+    assert err < 1e-5, err
+
+    hf.save_pretrained(str(tmp_path / "hf"), max_shard_size="40KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    node = UMT5Encoder("t", UMT5Encoder.Params(config="hf", weights="hf", max_tokens=8),
+                       GraphInfo(64, 64, 16, root=tmp_path))
+    node.load(torch.device("cpu"), torch.float32)
+    ids, mask = node.tokenize("hello brave new world")
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask).last_hidden_state[0] * mask[0, :, None]
+    assert torch.allclose(node.forward("hello brave new world")["embeds"], want, atol=1e-5)
+
+
+def test_umt5_loads_hf_and_wan_named_files(tmp_path):
     from safetensors.torch import save_file
 
     from reactor_graph.node import GraphInfo
@@ -253,7 +339,7 @@ def test_umt5_loads_hf_and_wan_named_files(tmp_path, write_graph):
     src = UMT5Encoder("t", UMT5Encoder.Params(config="tiny", max_tokens=8, seed=3), info)
     src.load(torch.device("cpu"), torch.float32)
     want = src.forward("hello brave new world")["embeds"]
-    hf = {k: v.clone() for k, v in src.model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    hf = {k: v.clone() for k, v in src.model.state_dict().items()}
     inverse = {v: k for k, v in _WAN_BLOCK.items()}
     wan = {}
     for k, v in hf.items():
@@ -264,22 +350,88 @@ def test_umt5_loads_hf_and_wan_named_files(tmp_path, write_graph):
         else:
             i, rest = k.removeprefix("encoder.block.").split(".", 1)
             wan[f"blocks.{i}.{inverse[rest]}"] = v
-    for name, sd in (("hf.safetensors", hf), ("wan.pth", wan)):
+    tied = {**hf, "encoder.embed_tokens.weight": hf["shared.weight"].clone()}  # as HF's state_dict() has it
+    only_tied = {k: v for k, v in tied.items() if k != "shared.weight"}
+    for name, sd in (("hf.safetensors", hf), ("tied.safetensors", tied), ("only_tied.safetensors", only_tied),
+                     ("wan.pth", wan)):
         (save_file(sd, str(tmp_path / name)) if name.endswith("safetensors") else torch.save(sd, tmp_path / name))
         node = UMT5Encoder("t", UMT5Encoder.Params(config="tiny", max_tokens=8, weights=name), info)
         node.load(torch.device("cpu"), torch.float32)
         assert torch.allclose(node.forward("hello brave new world")["embeds"], want, atol=1e-6), name
-    src.model.save_pretrained(str(tmp_path / "folder"))  # from_pretrained layout
-    node = UMT5Encoder("t", UMT5Encoder.Params(config=str(tmp_path / "folder"), max_tokens=8, weights="folder"), info)
-    node.load(torch.device("cpu"), torch.float32)
-    assert torch.allclose(node.forward("hello brave new world")["embeds"], want, atol=1e-6)
+    save_file({k: v for k, v in hf.items() if "block.1." not in k}, str(tmp_path / "short.safetensors"))
+    short = UMT5Encoder("t", UMT5Encoder.Params(config="tiny", max_tokens=8, weights="short.safetensors"), info)
+    with pytest.raises(ValueError, match=r"short.safetensors do not fit .*missing keys: encoder\.block\.1\."):
+        short.load(torch.device("cpu"), torch.float32)
     bad = UMT5Encoder("t", UMT5Encoder.Params(config="tiny", max_tokens=8, weights="nope.pth"), info)
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope.pth")):
         bad.load(torch.device("cpu"), torch.float32)
 
 
+def test_umt5_loads_from_pretrained_folders(tmp_path):
+    """HF's save_pretrained layouts, written here without transformers: one model.safetensors, two safetensors
+    shards and their index, pytorch_model.bin; the folder's config.json must agree with the node's config."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from reactor_graph.node import GraphInfo
+    from reactor_graph.nodes.umt5_encoder import PRESETS, UMT5Encoder
+
+    info = GraphInfo(64, 64, 16, root=tmp_path)
+    src = UMT5Encoder("t", UMT5Encoder.Params(config="tiny", max_tokens=8, seed=5), info)
+    src.load(torch.device("cpu"), torch.float32)
+    want = src.forward("hello brave new world")["embeds"]
+    sd = {k: v.clone() for k, v in src.model.state_dict().items()}
+    keys = list(sd)
+    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+
+    def folder(name, config=PRESETS["tiny"]):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, "architectures": ["UMT5EncoderModel"]}))
+        return tmp_path / name
+
+    save_file(sd, str(folder("single") / "model.safetensors"))
+    sharded = folder("sharded")
+    for shard, names in halves.items():
+        save_file({k: sd[k] for k in names}, str(sharded / shard))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 0}, "weight_map": {k: s for s, names in halves.items() for k in names}}))
+    torch.save(sd, folder("bin") / "pytorch_model.bin")
+    for name in ("single", "sharded", "bin"):
+        node = UMT5Encoder("t", UMT5Encoder.Params(config=name, weights=name, max_tokens=8), info)
+        node.load(torch.device("cpu"), torch.float32)
+        assert torch.allclose(node.forward("hello brave new world")["embeds"], want, atol=1e-6), name
+
+    (sharded / "model-00002-of-00002.safetensors").unlink()  # a shard the index names is gone
+    node = UMT5Encoder("t", UMT5Encoder.Params(config="tiny", weights="sharded", max_tokens=8), info)
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
+        node.load(torch.device("cpu"), torch.float32)
+    other = folder("other", {**PRESETS["tiny"], "relative_attention_max_distance": 64})
+    save_file(sd, str(other / "model.safetensors"))  # fits every shape, but the buckets would differ
+    node = UMT5Encoder("t", UMT5Encoder.Params(config="tiny", weights="other", max_tokens=8), info)
+    with pytest.raises(ValueError, match="relative_attention_max_distance: 64 there, 16 in config 'tiny'"):
+        node.load(torch.device("cpu"), torch.float32)
+    folder("empty")
+    node = UMT5Encoder("t", UMT5Encoder.Params(config="tiny", weights="empty", max_tokens=8), info)
+    with pytest.raises(FileNotFoundError, match="holds none of model.safetensors"):
+        node.load(torch.device("cpu"), torch.float32)
+
+
+def test_umt5_refuses_an_ffn_it_does_not_have(tmp_path):
+    import json
+
+    from reactor_graph.node import GraphInfo
+    from reactor_graph.nodes.umt5_encoder import PRESETS, UMT5Encoder
+
+    (tmp_path / "t5v1.json").write_text(json.dumps({**PRESETS["tiny"], "feed_forward_proj": "relu"}))
+    with pytest.raises(ValueError, match="feed_forward_proj is 'relu'"):
+        UMT5Encoder("t", UMT5Encoder.Params(config="t5v1.json"), GraphInfo(64, 64, 16, root=tmp_path))
+
+
 def test_umt5_local_tokenizer_folder(tmp_path):
     pytest.importorskip("transformers")
+    pytest.importorskip("ftfy")  # a real tokenizer cleans prompts as Wan does
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

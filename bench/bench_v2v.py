@@ -217,7 +217,7 @@ def realtime(engine, slot: str, fps_out: float, camera_fps: float, queue: int, w
             times.append(t)
             play["next"] = t + 1.0 / fps_out
         rows.append((feed.used_seq, b.frames, ready, times[-b.frames], feed.live))
-        cap = just_in_time_frames(engine.stats.last_block_s, fps_out, queue) if fit else queue  # as the server does
+        cap = just_in_time_frames(b.made_s, fps_out, queue) if fit else queue  # as the server sizes it
         caps.append(cap)
         wait_until = times[-cap - 1] if len(times) > cap else ready  # lossless: room for the last frame
         time.sleep(max(0.0, wait_until - perf()))

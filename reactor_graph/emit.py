@@ -21,7 +21,8 @@ class Block:
     height: int
     width: int
     started: float  # perf_counter when the block's work began
-    ready: float = 0.0  # perf_counter when it left the hot path
+    ready: float = 0.0  # perf_counter when it left the hot path (on a GPU: its work queued, maybe not done)
+    on_host: float = 0.0  # perf_counter when its frames were first seen on the host (video())
     _host: torch.Tensor | None = None
     _event: Any = None
     meta: dict = field(default_factory=dict)
@@ -31,7 +32,16 @@ class Block:
         if self._event is not None:
             self._event.synchronize()
             self._event = None
+        if not self.on_host:
+            self.on_host = time.perf_counter()
         return self._host.numpy()
+
+    @property
+    def made_s(self) -> float:
+        """Seconds from the block's boundary to its frames on the host: what making it took (the GPU's work
+        included, which `ready` is not); waits for the frames."""
+        self.video()
+        return max(0.0, self.on_host - self.started)
 
     def rgb(self) -> np.ndarray:
         """[T, H, W, 3] uint8, converting on the host where the block is YUV (for tests and previews)."""

@@ -250,11 +250,12 @@ class SessionManager:
             follows_camera = bool(self.media.tracks())
 
             def on_block(block):  # the engine's thread: copy out now (the buffer is reused), maybe wait
-                metrics.observe_block(max(0.0, (block.ready or time.perf_counter()) - block.started))
+                made = block.made_s  # waits for the frames: a GPU's block is only queued when it is handed on
+                metrics.observe_block(made)
                 track = client.track  # the current one: a reconnect (PUT sdp_params) may replace it
                 if track is not None:
                     if follows_camera:
-                        track.capacity = self.media.queue_frames(self.settings, metrics.last_block_s, self.host.fps)
+                        track.capacity = self.media.queue_frames(self.settings, made, self.host.fps)
                     track.push_block(block)
 
             def on_end(result):  # the engine's thread

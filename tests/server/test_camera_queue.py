@@ -59,3 +59,17 @@ def test_a_queue_shorter_than_a_block_starves_the_player_and_the_just_in_time_on
     # frames, so about a third of the clock's frames are repeats; fitted, the player always has a frame
     assert short.repeats > 0.2 * short.sent, short.counters()
     assert fitted.repeats < 0.05 * fitted.sent, fitted.counters()
+
+
+def test_a_block_says_how_long_it_took_until_its_frames_were_on_the_host():
+    """The queue is sized from `made_s`, not from `ready` (on a GPU `ready` is when the work was queued)."""
+    import torch
+
+    from reactor_graph.emit import HostCopier
+
+    started = time.perf_counter() - 0.05
+    block = HostCopier(torch.device("cpu")).emit(0, {"video": torch.zeros(3, 8, 8, 3, dtype=torch.uint8)},
+                                                 {"format": "rgb24"}, started)
+    assert block.on_host == 0.0  # nobody has looked at the frames yet
+    made = block.made_s
+    assert made >= 0.05 and block.on_host >= block.ready and block.made_s == made  # fixed once seen

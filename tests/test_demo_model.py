@@ -97,6 +97,33 @@ def test_a_switch_changes_the_words_at_a_block_boundary_and_the_shape_moves_on()
         assert data.background_name(frame) == attrs[k]["background"]
 
 
+def test_shape_only_switches_change_the_shape_alone_and_leave_other_streams_as_they_were():
+    kw = dict(batch=64, blocks=4, switch_prob=1.0)
+    attrs = data.sample_attrs(rng=random.Random(3), shape_only=1.0, **kw)
+    for clip in attrs:
+        k = next(i for i in range(1, 4) if clip[i] != clip[i - 1])
+        diff = {f for f in clip[k] if clip[k][f] != clip[k - 1][f]}
+        assert diff == {"shape"}
+    mixed = data.sample_attrs(rng=random.Random(3), shape_only=0.5, **kw)
+    only = sum({f for f in c[-1] if c[-1][f] != c[0][f]} == {"shape"} for c in mixed)
+    assert 20 <= only <= 50  # about half (a general switch may change the shape alone too, rarely)
+    # without shape-only switches no extra random draw: the streams earlier runs were trained on are unchanged
+    assert data.sample_attrs(rng=random.Random(3), **kw) == data.sample_attrs(rng=random.Random(3), shape_only=0.0, **kw)
+
+
+def test_the_shape_loss_weight_covers_the_shape_and_its_outline_only():
+    train = _tool("train_demo")
+    clips = data.make_clips(2, 3, rng=random.Random(0), generator=torch.Generator().manual_seed(0))
+    w = train.shape_weights(clips.alpha, 2, 3, (16, 16), 8.0)  # [B, K, 1, T, h, w]
+    assert w.shape == (2, 3, 1, 2, 16, 16)
+    assert w.min() == 1.0 and w.max() > 8.0
+    cov = torch.nn.functional.adaptive_avg_pool2d(clips.alpha.flatten(0, 1)[:, None], (16, 16)).view(2, 3, 2, 1, 16, 16)
+    cov = cov.transpose(2, 3)
+    assert (w[cov > 0.5] > 4.0).all()  # under the shape: weighed up
+    far = torch.nn.functional.max_pool2d((cov > 0).float().flatten(0, 3)[:, None], 5, 1, 2).view_as(cov) == 0
+    assert (w[far] == 1.0).all()  # two latent pixels away from any coverage: plain weight
+
+
 def test_clips_are_reproducible_from_their_seeds():
     def make():
         return data.make_clips(4, 2, rng=random.Random(5), generator=torch.Generator().manual_seed(5))

@@ -156,9 +156,11 @@ def token_id(word: str, vocab_size: int) -> int:
 
 
 # -- sampling attributes ---------------------------------------------------------------------------------------
-def sample_attrs(batch: int, blocks: int, rng: random.Random, switch_prob: float = 0.3) -> list[list[dict]]:
+def sample_attrs(batch: int, blocks: int, rng: random.Random, switch_prob: float = 0.3,
+                 shape_only: float = 0.0) -> list[list[dict]]:
     """[batch][blocks] attribute dicts. A clip keeps its attributes, or (with `switch_prob`) changes some of
-    them at one block boundary, as a prompt change would."""
+    them at one block boundary, as a prompt change would; `shape_only` of those switches change the shape
+    alone (the change a model that copies its context misses)."""
     def one() -> dict[str, str]:
         while True:
             a = {f: rng.choice(NAMES[f]) for f in FIELDS}
@@ -173,14 +175,17 @@ def sample_attrs(batch: int, blocks: int, rng: random.Random, switch_prob: float
         seq = [a] * blocks
         if blocks > 1 and rng.random() < switch_prob:
             at = rng.randrange(1, blocks)
-            while True:
-                b = dict(a)
-                fresh = one()
-                for f in FIELDS:
-                    if rng.random() < 0.5:
-                        b[f] = fresh[f]
-                if b != a and (b["colour"], b["background"]) not in CLASHES:
-                    break
+            if shape_only > 0 and rng.random() < shape_only:  # (no extra draw without: old streams stay)
+                b = dict(a, shape=rng.choice([v for v in NAMES["shape"] if v != a["shape"]]))
+            else:
+                while True:
+                    b = dict(a)
+                    fresh = one()
+                    for f in FIELDS:
+                        if rng.random() < 0.5:
+                            b[f] = fresh[f]
+                    if b != a and (b["colour"], b["background"]) not in CLASHES:
+                        break
             seq = [a] * at + [b] * (blocks - at)
         clips.append(seq)
     return clips
@@ -242,7 +247,7 @@ def render(attrs: list[list[dict]], frames_per_block: int, size: tuple[int, int]
 def make_clips(batch: int, blocks: int, frames_per_block: int = 2, size: tuple[int, int] = (128, 128),
                rng: random.Random | None = None, generator: torch.Generator | None = None, device="cpu",
                switch_prob: float = 0.3, vary_text: bool = True, attrs: list[list[dict]] | None = None,
-               start_prob: float = 0.0) -> Clips:
+               start_prob: float = 0.0, shape_only: float = 0.0) -> Clips:
     """A batch of clips with their per-block prompts. `rng` drives attributes and phrasing, `generator`
     (a CPU generator) the start positions; both default to fixed seeds.
 
@@ -251,7 +256,7 @@ def make_clips(batch: int, blocks: int, frames_per_block: int = 2, size: tuple[i
     positions that a few denoising steps would blur). The others are windows from later in a session: the
     shape is anywhere."""
     rng = rng or random.Random(0)
-    attrs = attrs or sample_attrs(batch, blocks, rng, switch_prob)
+    attrs = attrs or sample_attrs(batch, blocks, rng, switch_prob, shape_only)
     h, w = size
     n = len(attrs)
     start = torch.rand(n, 2, generator=generator) * torch.tensor([float(w), float(h)])

@@ -481,10 +481,21 @@ class Settings:
         self.dit_from = args.dit_from
         if self.dit_from and self.rollout_share <= 0:
             raise SystemExit("--dit-from skips stage 2: it needs --rollout-share > 0")
-        if args.init_from:
+        # --tf-continue: stage 2 goes on from --init-from's text encoder and denoiser (no stage 3)
+        self.tf_from = args.init_from if args.tf_continue else None
+        if args.tf_continue and not args.init_from:
+            raise SystemExit("--tf-continue continues --init-from's weights: give --init-from")
+        if args.init_from and not args.tf_continue:
             self.dit_from = args.init_from
         if self.dit_from:
             self.rollout_share = 1.0
+        if self.tf_from:
+            self.rollout_share = 0.0
+        # stage 2's loss: latents under the shape (its coverage, a latent pixel's neighbours too) weigh
+        # 1 + shape_weight. What tells a circle from a square is a few corner pixels of a small shape: in a plain
+        # mean over the frame that difference is lost, and copying the context's shape is almost free.
+        self.shape_weight = args.shape_weight
+        self.shape_switch = args.shape_switch
 
 
 class StepPlan:
@@ -607,6 +618,14 @@ def sample_sigma(shape, cfg, gen_device) -> torch.Tensor:
     return torch.where(torch.rand(shape, device=gen_device) < 0.7, discrete, cont)
 
 
+def shape_weights(alpha: torch.Tensor, b: int, k: int, latent_hw, weight: float) -> torch.Tensor:
+    """alpha [B, K*T, H, W] shape coverage -> loss weights [B, K, 1, T, h, w]: 1 + weight where the shape is
+    (its coverage per latent pixel, spread one latent pixel around, so the outline's neighbours count too)."""
+    cov = F.adaptive_avg_pool2d(alpha.float().flatten(0, 1)[:, None], tuple(latent_hw))  # [B*K*T, 1, h, w]
+    cov = F.max_pool2d(cov, 3, stride=1, padding=1)
+    return 1 + weight * cov.view(b, k, -1, 1, *latent_hw).transpose(2, 3)
+
+
 def save_weights(path: Path, text, dit, dec, meta: dict) -> None:
     from safetensors.torch import save_file
 
@@ -637,15 +656,15 @@ def train_denoiser(cfg, st: Settings, device, budget_s: float, enc, dec, log: di
         f"{sum(p.numel() for p in text.parameters()) / 1e6:.2f}M; {st.batch} clips x {k} blocks a step, "
         f"context {st.context} blocks")
     t_start, step, last_ckpt = time.perf_counter(), 0, time.perf_counter()
-    if st.dit_from:  # stage 2 done already: its weights (live and EMA), and all the budget to stage 3
+    if st.dit_from or st.tf_from:  # trained already: its weights (live and EMA); stage 3 or more of stage 2
         from safetensors.torch import load_file
 
-        sd = load_file(str(st.dit_from))
+        sd = load_file(str(st.dit_from or st.tf_from))
         for prefix, m in (("text.", text), ("dit.", dit)):
             m.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
         for p_ in params:
             ema[id(p_)].copy_(p_.detach())
-        say(f"text encoder and denoiser from {st.dit_from}")
+        say(f"text encoder and denoiser from {st.dit_from or st.tf_from}")
     plan = StepPlan(0 if st.dit_from else st.max_steps, budget_s * (1 - st.rollout_share), st.fixed_steps,
                     "denoiser")
     last_sigma = flow_sigmas(cfg["steps"], cfg["shift"])[-1]
@@ -669,6 +688,7 @@ def train_denoiser(cfg, st: Settings, device, budget_s: float, enc, dec, log: di
         for g in opt.param_groups:
             g["lr"] = lr
         clips = data.make_clips(st.batch, k, fpb, cfg["size"], rng, gen, device, switch_prob=st.switch_prob,
+                                shape_only=st.shape_switch,
                                 start_prob=st.start_prob)
         ids = tokenize(tok, clips.prompts, device)  # [B, K, L]
         b = ids.shape[0]
@@ -698,7 +718,10 @@ def train_denoiser(cfg, st: Settings, device, budget_s: float, enc, dec, log: di
                 use = (torch.rand(b, device=device) < share).view(b, 1, 1, 1, 1, 1)
                 clean = torch.where(use, own, clean)
             pred = teacher_forced(dit, clean, noisy, sigma, emb, st.context, mask)
-        per_block = ((pred.float() - (noise - z)) ** 2).mean((2, 3, 4, 5))  # [B, K]
+        err = (pred.float() - (noise - z)) ** 2  # [B, K, C, T, h, w]
+        if st.shape_weight > 0:
+            err = err * shape_weights(clips.alpha, b, k, z.shape[-2:], st.shape_weight)
+        per_block = err.mean((2, 3, 4, 5))  # [B, K]
         # A window from later in a session starts with blocks that, at inference, would have had context:
         # they only serve as context here. A session's own first blocks are learnt as they are.
         weight = (clips.start[:, None] | (torch.arange(k, device=device) >= st.context)[None]).float()
@@ -1303,6 +1326,12 @@ def main(argv=None) -> int:
     ap.add_argument("--init-from", type=Path, default=None,
                     help="trained demo weights (e.g. graphs/demo_weights.safetensors): fit an encoder to their "
                          "decoder (--enc-seconds), then stage 3 alone from their text encoder and denoiser")
+    ap.add_argument("--tf-continue", action="store_true",
+                    help="with --init-from: continue stage 2 (teacher forcing) from its weights instead of stage 3")
+    ap.add_argument("--shape-weight", type=float, default=0.0,
+                    help="stage 2: extra loss weight of the latents under the shape (Settings says why)")
+    ap.add_argument("--shape-switch", type=float, default=0.0,
+                    help="stage 2: share of clips whose switch changes the shape only")
     ap.add_argument("--enc-seconds", type=float, default=45.0, help="encoder fitting time with --init-from")
     ap.add_argument("--ae-only", action="store_true", help="stage 1 only (all of --minutes); see --ae-from")
     ap.add_argument("--ae-lr", type=float, default=1e-3)

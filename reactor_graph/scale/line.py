@@ -4,8 +4,8 @@ The front is the single decider. Its clients wait in the replicas that host thei
 arrival order at the front (`start_session`), all of them one line. Each round (every status poll, and when
 a session ends through the front) `plan` gives each free engine to the first client in line that is ready
 (connected, data channel open, heard from lately; one that is still connecting keeps its place and the next
-goes first, as at a single server): its own replica's engine when that one is free (no relay), else the free
-engine with the lowest index through a relay (relay.py). A graph that takes the client's camera is not
+goes first, as at a single server): its own replica's engine when that one is free (no relay), else through
+a relay (relay.py) a free engine that no ready client of its own replica is waiting for (else the lowest). A graph that takes the client's camera is not
 relayed, so its clients take only their own replica's engine. Everyone left is told its place in the whole
 line: 1 + the clients ahead of it, wherever they are hosted.
 """
@@ -32,15 +32,19 @@ def plan(views: list[View], order: dict[str, int]) -> tuple[list[tuple[str, int,
     by = {v.index: v for v in views}
     free = [v.index for v in sorted(views, key=lambda v: v.index) if v.free]
     assigned: list[tuple[str, int, int]] = []
+    done: set[str] = set()
     for _, sid, host in line:
+        done.add(sid)
         if not free:
             break
         if sid not in by[host].ready:
             continue
         if host in free:
             engine = host
-        elif by[host].relays:
-            engine = next((e for e in free if by[e].relays), None)
+        elif by[host].relays:  # an engine nobody at its own replica is ready for first: fewer relays
+            engine = min((e for e in free if by[e].relays),
+                         key=lambda e: (any(s in by[e].ready for s in by[e].waiting if s not in done), e),
+                         default=None)
             if engine is None:
                 continue
         else:

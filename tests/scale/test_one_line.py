@@ -191,3 +191,27 @@ def test_relay_refuses_without_the_internal_token(picture_front):
             with pytest.raises(aiohttp.WSServerHandshakeError):
                 await http.ws_connect(url + "/internal/relay", headers={"Authorization": "Bearer nope"})
     run(scenario(), 30)
+
+
+def test_engine_ending_a_relayed_session_tells_its_client(picture_front):
+    """The engine replica ends the session by itself (here its time limit): the reason reaches the client once,
+    as a local session's would, and that engine goes to the next in line."""
+    front, replicas = picture_front
+
+    async def scenario():
+        async with SdkClient(front.url) as a, SdkClient(front.url) as b, SdkClient(front.url) as c:
+            home, other, _ = await _parked_then_relayed(front, a, b, c)
+            await _relayed_frames(c)
+
+            async def limit():
+                replicas[other].server.manager.settings.max_session_seconds = 0.5
+            replicas[other].call(limit())
+            ended = await c.wait_message("runtime", "sessionEnded", timeout=15)
+            assert "session time limit" in ended["data"]["reason"]
+            await asyncio.sleep(0.5)
+            assert len(c.inner("runtime", "sessionEnded")) == 1
+            end = time.monotonic() + 10
+            while _engine_client(replicas[other]) is not None:
+                assert time.monotonic() < end, "the engine still runs the ended session"
+                await asyncio.sleep(0.1)
+    run(scenario(), 120)

@@ -92,6 +92,7 @@ class Front:
         self._told: dict[int, tuple] = {}  # replica -> (instance, the positions it was last told)
         self._line_lock = asyncio.Lock()
         self._kicks: set[asyncio.Task] = set()
+        self._watchers: list[asyncio.Task] = []
         self.http: aiohttp.ClientSession | None = None
         self.runner: web.AppRunner | None = None
         self.url: str | None = None
@@ -115,6 +116,7 @@ class Front:
                                           connector=aiohttp.TCPConnector(limit=256))
         await self.refresh()
         self._poller = asyncio.create_task(self._poll())
+        self._watchers = [asyncio.create_task(self._watch(b)) for b in self.backends]
         self.runner = web.AppRunner(self.app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port)
@@ -130,8 +132,9 @@ class Front:
         return f"{self.url}/auth/{token}/" if token else f"{self.url}/"
 
     async def close(self) -> None:
-        for task in list(self._kicks):
+        for task in list(self._kicks) + self._watchers:
             task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
         if self._poller:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
@@ -247,6 +250,24 @@ class Front:
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             log.warning("replica %d did not take %s: %s", b.index, path, exc or type(exc).__name__)
             return None
+
+    async def _watch(self, b: Backend) -> None:
+        """Run the line when replica `b` says it could move (internal.py's /internal/changes)."""
+        while True:
+            changed = False
+            if b.healthy and b.url:
+                try:
+                    async with self.http.get(b.url + "/internal/changes", timeout=aiohttp.ClientTimeout(total=30),
+                                             headers={"Authorization": f"Bearer {self.pool.token}"}) as r:
+                        changed = r.status == 200 and bool((await r.json()).get("changed"))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - the poll notices a replica gone
+                    changed = False
+            if changed:
+                await self._kick()
+            else:
+                await asyncio.sleep(self.poll_interval)
 
     async def _kick(self) -> None:
         """A session ended through the front: the next in line need not wait for the poll."""

@@ -4,12 +4,15 @@
                           `engine` (this replica's, or another's through a relay) -> {ok, reason}
   POST /internal/line     {positions: {session_id: {position, waiting, in_session}}}: the front's positions
                           for this replica's waiting clients
+  GET  /internal/changes  answers when the line could move here (a client ready, a session ended), or after
+                          WAIT s: the front runs the line then, not only at its poll
   GET  /internal/relay    websocket: a session on this replica's engine for another replica's client (relay.py)
 
 Each takes only the internal token the front and the replicas share (a client's session id opens none).
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -17,16 +20,21 @@ from aiohttp import web
 
 from .relay import authorized, engine_end, open_relay
 
+WAIT = 10.0  # s: the longest a change request is held
+
 
 class InternalRoutes:
     def __init__(self, replica: Any):
         self.replica = replica
         self.http: aiohttp.ClientSession | None = None  # to other replicas (relays), on the replica's loop
+        self.changed = asyncio.Event()
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_post("/internal/assign", self.assign)
         app.router.add_post("/internal/line", self.line)
         app.router.add_get("/internal/relay", self.relay)
+        app.router.add_get("/internal/changes", self.changes)
+        self.replica.server.manager.on_line_change = self.changed.set
         app.on_cleanup.append(self._close)
 
     async def _close(self, app: web.Application) -> None:
@@ -83,6 +91,17 @@ class InternalRoutes:
                                    "in_session": bool(d.get("in_session"))}
         self.replica.server.manager.tell(clean)
         return web.json_response({"ok": True})
+
+    async def changes(self, request: web.Request) -> web.Response:
+        refused = self._refused(request)
+        if refused:
+            return refused
+        try:
+            await asyncio.wait_for(self.changed.wait(), WAIT)
+        except asyncio.TimeoutError:
+            return web.json_response({"changed": False})
+        self.changed.clear()
+        return web.json_response({"changed": True})
 
     async def relay(self, request: web.Request) -> web.StreamResponse:
         return await engine_end(request, self.replica.server.manager, self.replica.token, self.replica.index,

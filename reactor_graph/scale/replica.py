@@ -150,24 +150,23 @@ class ReplicaServer:
         """A fault (tests): this replica's process dies; its connections drop, nothing is said to anyone."""
         def die():
             runner = self.server.runner
-            for handler in list(getattr(runner.server, "connections", []) if runner and runner.server else []):
-                if handler.transport is not None:
-                    handler.transport.abort()
-            for site in list(runner.sites if runner else []):
-                if site._server is not None:
-                    site._server.close()
-            if self.internal is not None and self.internal.http is not None:
-                for protos in list(self.internal.http.connector._conns.values()):
-                    for proto, _ in protos:
+            try:
+                for site in list(runner.sites):
+                    site._server.close()  # no new connections
+                for handler in runner.server.connections:  # the open ones (websockets included) reset
+                    if handler.transport is not None:
+                        handler.transport.abort()
+                http = self.internal.http if self.internal is not None else None
+                if http is not None:  # this replica's own relays to other replicas' engines
+                    for proto in list(http.connector._acquired) + [p for ps in http.connector._conns.values()
+                                                                   for p, _ in ps]:
                         if proto.transport is not None:
                             proto.transport.abort()
-                for proto in list(getattr(self.internal.http.connector, "_acquired", [])):
-                    if proto.transport is not None:
-                        proto.transport.abort()
-            for c in self.server.manager.clients.values():
-                if c.track is not None:
-                    c.track.close_producer()  # the engine thread would be gone with the process
-            self.loop.stop()
+                for c in self.server.manager.clients.values():
+                    if c.track is not None:
+                        c.track.close_producer()  # the engine thread would be gone with the process
+            finally:  # after the aborts' own callbacks (which close the sockets), as the kernel would
+                self.loop.call_soon(self.loop.stop)
         self.fatal = "killed"
         self.loop.call_soon_threadsafe(die)
         self._thread.join(10)

@@ -61,7 +61,7 @@ class SessionManager:
         self.closing = False
         self.directed = False  # under a front: it decides who gets an engine, and tells the positions
         self.told: dict[str, dict] = {}  # directed: session id -> its `queue` message's data, from the front
-        self.line: dict = {}  # directed: the whole line's {waiting, in_session}, from the front
+        self.on_line_change = None  # directed: callback() when the line could move here (the front runs it)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._promote_lock = asyncio.Lock()
         self._ticker: asyncio.Task | None = None
@@ -281,7 +281,9 @@ class SessionManager:
             if self.host.busy:  # the last session is still winding down; the ticker retries
                 return False
             if chosen is None:
-                if self.directed:
+                if self.directed:  # the front decides; tell it now rather than at its next poll
+                    if self.on_line_change is not None:
+                        self.on_line_change()
                     return False
                 client = next((c for c in self.waiting if self.ready_to_start(c)), None)
             else:

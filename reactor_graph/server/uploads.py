@@ -142,7 +142,7 @@ class UploadStore:
         """An upload another replica received for the client this session stands for (scale/relay.py): kept
         under the same id, so the client's FileRefs name it here too; the same limits and checks."""
         if not isinstance(upload_id, str) or not upload_id or len(upload_id) > 64 or \
-                not all(ch.isalnum() or ch in "-_" for ch in upload_id):
+                not all(ch.isascii() and (ch.isalnum() or ch in "-_") for ch in upload_id):
             raise UploadError(400, "not an upload id")
         up = self.create(session_id, {"name": name, "size": len(data), "mime_type": mime_type})
         s = self.sessions[session_id]

@@ -45,7 +45,7 @@ from ..server import rtc_guards
 from ..server.access import AccessPolicy
 from ..server.app import _text_error, build_app
 from ..server.metrics import CONTENT_TYPE, Metrics
-from .line import View, plan
+from .front_line import LineRunner
 from .replica import REMOTE_HEADER
 
 log = logging.getLogger("reactor_graph.scale")
@@ -74,7 +74,7 @@ class Backend:
         return ids | {i for i, t in self.assigned.items() if now - t < ASSIGN_GRACE}
 
 
-class Front:
+class Front(LineRunner):
     def __init__(self, pool: Any, access: AccessPolicy | None = None, model: str = "",
                  poll_interval: float = 0.25, status_timeout: float = 3.0, max_upload_bytes: int = MAX_IMAGE_BYTES):
         self.pool = pool
@@ -206,76 +206,6 @@ class Front:
         if not ready:
             return None
         return min(ready, key=lambda b: (len(b.live()), bool(b.status.get("busy")), b.index))
-
-    # -- the one line ----------------------------------------------------------------------------------------
-    async def run_line(self) -> None:
-        """One round of the line (line.py): free engines to the first ready clients, everyone's place told."""
-        async with self._line_lock:
-            views = []
-            for b in self.backends:
-                st = b.status or {}
-                up = b.healthy and bool(b.url)
-                views.append(View(b.index, free=up and bool(st.get("free")), in_session=bool(st.get("in_session")),
-                                  relays=bool(st.get("relays", False)),
-                                  waiting=[s for s, state in st.get("sessions", {}).items() if state == "waiting"]
-                                  if up else [], ready=set(st.get("ready", ()))))
-            assigned, positions = plan(views, self.order)
-            for sid, host, engine in assigned:
-                h, e = self.backends[host], self.backends[engine]
-                if await self._assign(h, sid, e):  # this round's view, until the next poll shows it
-                    e.status.update(free=False, in_session=True)
-                    h.status["sessions"][sid] = "active"
-            for b in self.backends:
-                told = (b.instance, positions.get(b.index, {}))
-                if b.healthy and b.url and self._told.get(b.index) != told:
-                    if await self._internal(b, "/internal/line", {"positions": told[1]}) is not None:
-                        self._told[b.index] = told
-
-    async def _assign(self, host: Backend, sid: str, engine: Backend) -> bool:
-        answer = await self._internal(host, "/internal/assign", {"session_id": sid, "engine": engine.index,
-                                                                 "engine_url": engine.url})
-        ok = bool(answer and answer.get("ok"))
-        self.metrics.inc("line_assignments_total", result="local" if ok and host is engine else
-                         "relayed" if ok else "refused")
-        if not ok:
-            log.info("session %s not started on replica %d's engine: %s", sid[:8], engine.index,
-                     (answer or {}).get("reason", "its host did not answer"))
-        return ok
-
-    async def _internal(self, b: Backend, path: str, body: dict) -> dict | None:
-        try:
-            async with self.http.post(b.url + path, json=body,
-                                      headers={"Authorization": f"Bearer {self.pool.token}"}) as r:
-                return await r.json() if r.status == 200 else None
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            log.warning("replica %d did not take %s: %s", b.index, path, exc or type(exc).__name__)
-            return None
-
-    async def _watch(self, b: Backend) -> None:
-        """Run the line when replica `b` says it could move (internal.py's /internal/changes)."""
-        while True:
-            changed = False
-            if b.healthy and b.url:
-                try:
-                    async with self.http.get(b.url + "/internal/changes", timeout=aiohttp.ClientTimeout(total=30),
-                                             headers={"Authorization": f"Bearer {self.pool.token}"}) as r:
-                        changed = r.status == 200 and bool((await r.json()).get("changed"))
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # noqa: BLE001 - the poll notices a replica gone
-                    changed = False
-            if changed:
-                await self._kick()
-            else:
-                await asyncio.sleep(self.poll_interval)
-
-    async def _kick(self) -> None:
-        """A session ended through the front: the next in line need not wait for the poll."""
-        try:
-            await self.refresh()
-            await self.run_line()
-        except Exception:  # noqa: BLE001 - the poller does it again shortly
-            log.exception("running the line failed")
 
     # -- relaying ------------------------------------------------------------------------------------------
     async def _forward(self, b: Backend, method: str, path: str, request: web.Request, body: bytes | None,

@@ -11,7 +11,6 @@ import asyncio
 import statistics
 import sys
 import time
-import uuid
 
 import aiohttp
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 
 import aiohttp
@@ -116,8 +117,8 @@ def test_parked_client_is_served_by_the_engine_that_frees_first(picture_front):
                 assert r.status == 200
             ref = {"upload_id": slot["presigned_id"], "name": "w.png", "mime_type": "image/png", "size": 1}
             c.send("runtime", "fileUploaded", ref)
-            c.send_raw('{"scope":"application","data":{"type":"set_image","data":{},"uploads":{"image":'
-                       + __import__("json").dumps(ref) + '}}}')
+            c.send_raw(json.dumps({"scope": "application",
+                                   "data": {"type": "set_image", "data": {}, "uploads": {"image": ref}}}))
             await c.wait_message("application", "commandResult", where=lambda x: x["ok"], timeout=15)
             n = len(c.frames)
             await c.wait_for(lambda: any(_luma(f) > 200 for _, f in c.frames[n:]), 15, "c's white picture")

@@ -111,6 +111,68 @@ def signalling(graph: str, rounds: int = 5) -> dict:
             r.stop()
 
 
+def promotion(graph: str, rounds: int = 5) -> dict:
+    """An engine frees while a client waits: time from that session's `stop_session` to the waiting client's first
+    generated frame, when the engine is its host's (local) and when it is the other replica's (relayed)."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    from ..loop import Engine
+    from ..plan import load_plan
+    from .front import Front, LocalPool
+    from .replica import ReplicaServer
+
+    spec = importlib.util.spec_from_file_location(
+        "conftest_sdk", Path(__file__).parents[2] / "tests" / "server" / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sdk = mod.SdkClient
+    replicas = [ReplicaServer(Engine(load_plan(graph)).load(), "t", index=i).start() for i in range(2)]
+
+    def generated(frame) -> bool:  # not the idle black frame
+        y = frame.to_ndarray(format="yuv420p")[: frame.height]
+        return float(np.abs(y.astype(int) - 16).mean()) > 1.0
+
+    async def once(front, url, relayed: bool) -> float:
+        async with sdk(url) as a, sdk(url) as b, sdk(url) as c:
+            for x in (a, b):
+                await x.connect()
+                await x.wait_message("runtime", "sessionStarted", timeout=30)
+            await c.connect()
+            await c.wait_message("runtime", "queue", timeout=30)
+            home = front.sessions[c.session["session_id"]][0]
+            leave = [x for x in (a, b) if (front.sessions[x.session["session_id"]][0] == home) != relayed][0]
+            n = len(c.frames)
+            t0 = time.perf_counter()
+            await leave.stop_session()
+            await c.wait_for(lambda: any(generated(f) for _, f in c.frames[n:]), 30, "a generated frame")
+            return time.perf_counter() - t0
+
+    async def main():
+        front = Front(LocalPool(replicas, "t"))
+        url = await front.start("127.0.0.1", 0)
+        await front.wait_ready()
+        out = {}
+        try:
+            for relayed in (False, True):
+                times = []
+                for _ in range(rounds + 1):  # the first warms the path
+                    times.append(await once(front, url, relayed))
+                    await asyncio.sleep(0.5)
+                out["relayed_ms" if relayed else "local_ms"] = round(statistics.median(times[1:]) * 1000, 1)
+        finally:
+            await front.close()
+        return out
+
+    try:
+        return asyncio.run(main())
+    finally:
+        for r in replicas:
+            r.stop()
+
+
 class FakePool:
     """Replicas with no model, for the front's `pick`: their status dicts, which the simulation keeps current."""
 
@@ -272,6 +334,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.graph:
         print(signalling(a.graph))
+        print(promotion(a.graph))
     print(relay_codec())
     for spread in (0.0, a.spread):
         for line in ("one", "per_replica"):

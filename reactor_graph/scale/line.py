@@ -7,7 +7,8 @@ a session ends through the front) `plan` gives each free engine to the first cli
 goes first, as at a single server): its own replica's engine when that one is free (no relay), else through
 a relay (relay.py) a free engine that no ready client of its own replica is waiting for (else the lowest). A graph that takes the client's camera is not
 relayed, so its clients take only their own replica's engine. Everyone left is told its place in the whole
-line: 1 + the clients ahead of it, wherever they are hosted.
+line: 1 + the clients ahead of it, wherever they are hosted (for a graph that is not relayed: ahead of it at
+its own replica, the only ones it waits behind).
 """
 from __future__ import annotations
 
@@ -55,6 +56,11 @@ def plan(views: list[View], order: dict[str, int]) -> tuple[list[tuple[str, int,
     rest = [(sid, host) for _, sid, host in line if sid not in taken]
     in_session = bool(assigned) or any(v.in_session for v in views)
     positions: dict[int, dict] = {v.index: {} for v in views}
-    for i, (sid, host) in enumerate(rest):
-        positions[host][sid] = {"position": i + 1, "waiting": len(rest), "in_session": in_session}
+    # a client waits behind those who compete for the same engines: all relayed ones, or its host's alone
+    groups: dict = {}
+    for sid, host in rest:
+        groups.setdefault("all" if by[host].relays else host, []).append((sid, host))
+    for group in groups.values():
+        for i, (sid, host) in enumerate(group):
+            positions[host][sid] = {"position": i + 1, "waiting": len(group), "in_session": in_session}
     return assigned, positions

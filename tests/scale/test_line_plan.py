@@ -40,6 +40,12 @@ def test_graphs_that_take_the_camera_are_not_relayed():
     assigned, positions = plan(views, {"c": 1, "d": 2})
     assert assigned == [("d", 1, 1)]
     assert positions[0]["c"]["position"] == 1
+    # each waits behind its own replica's clients only: that is whom it waits for
+    views = [View(0, free=False, in_session=True, relays=False, waiting=["a", "c"], ready={"a", "c"}),
+             View(1, free=False, in_session=True, relays=False, waiting=["b"], ready={"b"})]
+    positions = plan(views, {"a": 1, "b": 2, "c": 3})[1]
+    assert {s: p["position"] for s, p in {**positions[0], **positions[1]}.items()} == {"a": 1, "c": 2, "b": 1}
+    assert positions[0]["c"]["waiting"] == 2 and positions[1]["b"]["waiting"] == 1
 
 
 def test_nothing_free_nothing_assigned_and_unknown_arrivals_go_last():

@@ -1,13 +1,14 @@
 """The front: one address with today's routes (README) in front of N replicas (replica.py).
 
-A new session goes to a replica chosen at `start_session`, and that replica answers its SDP and serves its
-media (directly: the front relays only the HTTP signalling); every later request with its session id goes
-to the same replica. The replica is chosen so that the client's SDP goes to the replica that will serve it:
-a free one when there is one; when all are busy, the one with the fewest clients (in session + waiting;
-ties: the lower index). The client then waits in that replica's part of the line and is told its place
-there, with today's `queue` messages: the number of sessions that must end before its own, which is honest
-because its media can only come from the process that answered its offer (the SDK neither waits more than
-~12 s for an answer nor renegotiates by itself, so a client cannot be parked elsewhere and moved).
+A new session goes to a replica chosen at `start_session` (its *host*: a free one when there is one, else
+the one with the fewest clients; ties: the lower index), which answers its SDP and holds its peer connection
+and data channel for the whole session (the media flows between the client and it directly: the front relays
+only the HTTP signalling); every later request with its session id goes to that replica. The SDK neither
+waits more than ~12 s for an answer nor renegotiates by itself, and a peer connection cannot leave its process,
+so the host never changes. The engine may: the line is one across replicas (line.py), in arrival order here,
+and the front gives each free engine to the first ready client wherever it is hosted; a client whose engine
+is another replica's gets its frames and messages through a relay between the two (relay.py). Positions are
+places in the whole line, told to each host (`/internal/line`) for today's `queue` messages.
 
 Uploads (the SDK's `uploadFile`) follow their session: `POST /sessions/{id}/uploads` goes to the session's replica and
 the presigned PUT address in its answer is rewritten to the front's own (a replica's address is not the client's to
@@ -27,6 +28,7 @@ status dict; raises when the replica does not answer), `await pool.metrics(i)` (
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import re
@@ -43,6 +45,7 @@ from ..server import rtc_guards
 from ..server.access import AccessPolicy
 from ..server.app import _text_error, build_app
 from ..server.metrics import CONTENT_TYPE, Metrics
+from .front_line import LineRunner
 from .replica import REMOTE_HEADER
 
 log = logging.getLogger("reactor_graph.scale")
@@ -71,7 +74,7 @@ class Backend:
         return ids | {i for i, t in self.assigned.items() if now - t < ASSIGN_GRACE}
 
 
-class Front:
+class Front(LineRunner):
     def __init__(self, pool: Any, access: AccessPolicy | None = None, model: str = "",
                  poll_interval: float = 0.25, status_timeout: float = 3.0, max_upload_bytes: int = MAX_IMAGE_BYTES):
         self.pool = pool
@@ -84,6 +87,12 @@ class Front:
         self.backends = [Backend(i) for i in range(len(pool))]
         self.sessions: dict[str, tuple[int, str | None]] = {}  # session id -> (replica, instance)
         self.ended: dict[str, str] = {}  # session id -> why (sessions lost with their replica), bounded
+        self.order: dict[str, int] = {}  # session id -> its arrival here: its place in the one line
+        self._arrivals = itertools.count()
+        self._told: dict[int, tuple] = {}  # replica -> (instance, the positions it was last told)
+        self._line_lock = asyncio.Lock()
+        self._kicks: set[asyncio.Task] = set()
+        self._watchers: list[asyncio.Task] = []
         self.http: aiohttp.ClientSession | None = None
         self.runner: web.AppRunner | None = None
         self.url: str | None = None
@@ -107,6 +116,7 @@ class Front:
                                           connector=aiohttp.TCPConnector(limit=256))
         await self.refresh()
         self._poller = asyncio.create_task(self._poll())
+        self._watchers = [asyncio.create_task(self._watch(b)) for b in self.backends]
         self.runner = web.AppRunner(self.app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port)
@@ -122,6 +132,9 @@ class Front:
         return f"{self.url}/auth/{token}/" if token else f"{self.url}/"
 
     async def close(self) -> None:
+        for task in list(self._kicks) + self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
         if self._poller:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
@@ -147,6 +160,7 @@ class Front:
             await asyncio.sleep(self.poll_interval)
             try:
                 await self.refresh()
+                await self.run_line()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the poller must survive anything
@@ -174,11 +188,13 @@ class Front:
         for sid, (index, instance) in list(self.sessions.items()):
             if index == b.index and instance == b.instance and sid not in live and sid not in b.assigned:
                 del self.sessions[sid]  # ended there (stop_session, closed, ...)
+                self.order.pop(sid, None)
 
     def _lost(self, b: Backend, instance: str, reason: str) -> None:
         for sid, (index, inst) in list(self.sessions.items()):
             if index == b.index and inst == instance:
                 del self.sessions[sid]
+                self.order.pop(sid, None)
                 self.ended[sid] = reason
                 self.metrics.inc("sessions_lost_total", replica=str(b.index))
         while len(self.ended) > 10000:
@@ -226,6 +242,7 @@ class Front:
         if status == 200:
             sid = json.loads(data)["session_id"]
             self.sessions[sid] = (b.index, b.instance)
+            self.order[sid] = next(self._arrivals)
             b.assigned[sid] = time.monotonic()
             self.metrics.inc("sessions_routed_total", replica=str(b.index))
         return web.Response(status=status, body=data, content_type=ctype)
@@ -256,6 +273,10 @@ class Front:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return self._relay_error(b, exc)
         self.sessions.pop(session_id, None)
+        self.order.pop(session_id, None)
+        task = asyncio.ensure_future(self._kick())
+        self._kicks.add(task)
+        task.add_done_callback(self._kicks.discard)
         return web.Response(status=status, body=data, content_type=ctype)
 
     def _owner(self, request: web.Request) -> Backend | web.Response:
@@ -341,6 +362,7 @@ class Front:
             out.append({"replica": b.index, "ok": b.healthy, "reason": b.reason, "instance": b.instance,
                         "busy": bool(st.get("busy")), "in_session": bool(st.get("in_session")),
                         "queue": int(st.get("queue", 0)), "clients": int(st.get("clients", 0)),
+                        "relayed": int(st.get("relayed", 0)),
                         "fps": st.get("fps", 0.0), "blocks": st.get("blocks", 0), "errors": st.get("errors", 0),
                         "age_s": round(time.monotonic() - b.seen, 2) if b.seen else None})
         return out
@@ -386,7 +408,9 @@ class Front:
         for name, help_ in (("sessions_routed_total", "Sessions the front sent to a replica."),
                             ("sessions_lost_total", "Sessions that ended because their replica crashed."),
                             ("replica_failures_total", "Times a replica stopped answering."),
-                            ("relay_errors_total", "Signalling requests a replica did not answer.")):
+                            ("relay_errors_total", "Signalling requests a replica did not answer."),
+                            ("line_assignments_total", "Engines given to the line's first (local, relayed, "
+                                                       "refused).")):
             parts += [f"# HELP reactor_graph_front_{name} {help_}", f"# TYPE reactor_graph_front_{name} counter"]
             for (n, labels), v in list(self.metrics.counters.items()):
                 if n == name:

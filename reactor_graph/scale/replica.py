@@ -5,6 +5,10 @@ on an event loop in a thread of its own, so the media flows between the client a
 front starts or stops sessions here: those routes need a token that only the front has (`internal_token`);
 a session's own routes are guarded by its id, as today. The front passes the client's address (for the
 per-address limits) in REMOTE_HEADER, which is trusted only with that token.
+
+The line is the front's (one across replicas): the manager is `directed`, and the front starts waiting clients
+and tells their positions through the internal routes (internal.py), which also carry relays between replicas
+(relay.py) for a client whose engine is another replica's.
 """
 from __future__ import annotations
 
@@ -40,12 +44,14 @@ class ReplicaServer:
     """`start()` serves `engine` on `bind`:0 in a thread; `status()` and `metrics_text()` for the front."""
 
     def __init__(self, engine: Any, internal_token: str, bind: str = "127.0.0.1", index: int = 0,
-                 **settings: Any):
+                 relay_compress: bool = False, **settings: Any):
         self.engine = engine
         self.token = internal_token
         self.bind = bind
         self.index = index
         self.settings = settings
+        self.relay_compress = relay_compress  # blocks relayed from this engine: zlib'd (relay_wire.py)
+        self.internal = None
         self.instance = uuid.uuid4().hex[:12]  # a restarted replica is another instance
         self.loop = asyncio.new_event_loop()
         self.server = None
@@ -64,7 +70,12 @@ class ReplicaServer:
         try:
             self.server = Server(self.engine, access=AccessPolicy(bind=self.bind, token=self.token),
                                  **self.settings)
+            from .internal import InternalRoutes
+
             self.server.app.middlewares.insert(0, forwarded_remote(self.token))
+            self.server.manager.directed = True
+            self.internal = InternalRoutes(self)
+            self.internal.add_to(self.server.app)
             self.url = self.loop.run_until_complete(self.server.start(self.bind, 0))
             self.server.manager.on_fatal = self._give_up
         except BaseException as exc:  # noqa: BLE001
@@ -92,11 +103,16 @@ class ReplicaServer:
         m = self.server.manager
         active = m.active
         stats = m.stats(active) if active is not None else {}
+        hosted = [c for c in m.clients.values() if not c.relayed]  # a relay's stand-in is counted at its host
         return {
             "index": self.index, "instance": self.instance, "url": self.url, "pid": os.getpid(),
             "ok": not m.stuck and self.fatal is None, "reason": self.fatal or m.stuck_reason,
             "busy": bool(self.engine.busy), "in_session": active is not None, "queue": len(m.waiting),
-            "clients": len(m.clients), "sessions": {c.id: c.state for c in m.clients.values()},
+            "clients": len(hosted), "sessions": {c.id: c.state for c in hosted},
+            "ready": [c.id for c in m.waiting if m.ready_to_start(c)],
+            "free": active is None and not self.engine.busy and not m.stuck and not m.closing,
+            "relays": not m.media.tracks(),  # a client's camera is not relayed: such graphs keep sessions home
+            "relayed": sum(c.relay is not None for c in hosted),
             "fps": stats.get("fps", 0.0), "target_fps": float(self.engine.fps),
             "blocks": int(self.engine.stats.blocks), "errors": _errors(m.metrics),
         }
@@ -129,6 +145,31 @@ class ReplicaServer:
             await asyncio.gather(*(m.end(c, reason, reason) for c in list(m.clients.values())),
                                  return_exceptions=True)
         self.call(end(), timeout=30)
+
+    def kill(self) -> None:
+        """A fault (tests): this replica's process dies; its connections drop, nothing is said to anyone."""
+        def die():
+            runner = self.server.runner
+            try:
+                for site in list(runner.sites):
+                    site._server.close()  # no new connections
+                for handler in runner.server.connections:  # the open ones (websockets included) reset
+                    if handler.transport is not None:
+                        handler.transport.abort()
+                http = self.internal.http if self.internal is not None else None
+                if http is not None:  # this replica's own relays to other replicas' engines
+                    for proto in list(http.connector._acquired) + [p for ps in http.connector._conns.values()
+                                                                   for p, _ in ps]:
+                        if proto.transport is not None:
+                            proto.transport.abort()
+                for c in self.server.manager.clients.values():
+                    if c.track is not None:
+                        c.track.close_producer()  # the engine thread would be gone with the process
+            finally:  # after the aborts' own callbacks (which close the sockets), as the kernel would
+                self.loop.call_soon(self.loop.stop)
+        self.fatal = "killed"
+        self.loop.call_soon_threadsafe(die)
+        self._thread.join(10)
 
     def stop(self, timeout: float = 30) -> None:
         if self.server is not None and self.loop.is_running():

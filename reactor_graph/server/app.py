@@ -167,7 +167,7 @@ class Server:
     # -- the SDK's local-mode routes -----------------------------------------------------------------------
     def _client(self, request: web.Request):
         client = self.manager.clients.get(request.match_info["session_id"])
-        if client is None:
+        if client is None or client.relayed:  # a relay's stand-in is no client's to reach
             self.metrics.inc("http_errors_total", route="unknown_session")
             raise web.HTTPNotFound(text="unknown or ended session", content_type="text/plain")
         return client

@@ -57,6 +57,11 @@ class Client:
     tasks: list = field(default_factory=list)
     end_reason: str | None = None
     started: float | None = None  # when its session began
+    # one line across replicas (reactor_graph/scale/relay.py): the session runs on another replica's engine,
+    # this relay feeds its track and carries its messages (host side); or this client is such a relay, standing
+    # for a client that another replica hosts (engine side)
+    relay: Any = None
+    relayed: bool = False
     # stats message
     last_sent: int = 0
     last_stats: float = field(default_factory=time.monotonic)

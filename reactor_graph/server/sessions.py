@@ -9,6 +9,11 @@ its session, on
 `ping_timeout`; the SDK pings every 5 s), a connection that never comes up, a node error, or shutdown.
 Every peer connection is closed when its client goes.
 
+Under a front (reactor_graph/scale/) the line is one across replicas and the front decides it (`directed`):
+a waiting client is started only when the front gives it an engine, this replica's (`promote(client)`) or
+another's (`begin_elsewhere`, the relay feeding its track: scale/relay.py), and its position is the one the
+front tells (`told`). With one server nothing of this is used.
+
 All methods run on the event loop, except the callbacks the engine calls from its own thread (`on_block`,
 `on_end`, command replies), which only copy data or hop onto the loop.
 """
@@ -54,6 +59,9 @@ class SessionManager:
         self.stuck_since: float | None = None
         self.on_fatal = None  # callback(reason): the engine thread never came back; the process must end
         self.closing = False
+        self.directed = False  # under a front: it decides who gets an engine, and tells the positions
+        self.told: dict[str, dict] = {}  # directed: session id -> its `queue` message's data, from the front
+        self.on_line_change = None  # directed: callback() when the line could move here (the front runs it)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._promote_lock = asyncio.Lock()
         self._ticker: asyncio.Task | None = None
@@ -120,8 +128,9 @@ class SessionManager:
     def resolve_stop(self, session_id: str | None) -> Client | None:
         """`POST /stop_session` from the SDK carries no id: then stop the one client, if there is only one."""
         if session_id:
-            return self.clients.get(session_id)
-        live = [c for c in self.clients.values() if c.state != "ended"]
+            client = self.clients.get(session_id)
+            return None if client is None or client.relayed else client
+        live = [c for c in self.clients.values() if c.state != "ended" and not c.relayed]
         return live[0] if len(live) == 1 else None
 
     async def offer(self, client: Client, body: Any) -> None:
@@ -220,31 +229,69 @@ class SessionManager:
 
     def position(self, client: Client) -> int | None:
         """1-based place in line, or None for a client not waiting."""
-        return self.waiting.index(client) + 1 if client in self.waiting else None
+        if client not in self.waiting:
+            return None
+        if self.directed:
+            return self.told.get(client.id, {}).get("position")
+        return self.waiting.index(client) + 1
 
     def _send_position(self, client: Client) -> None:
+        if client not in self.waiting:
+            return
+        if self.directed:  # the front's word, or nothing yet (it tells within a poll)
+            if client.id in self.told:
+                client.send(P.runtime(P.QUEUE, self.told[client.id]))
+            return
+        client.send(P.runtime(P.QUEUE, {"position": self.waiting.index(client) + 1,
+                                        "waiting": len(self.waiting), "in_session": self.active is not None}))
+
+    def tell(self, positions: dict[str, dict]) -> None:
+        """Directed: the front's positions for this replica's waiting clients; sent to those whose place moved."""
+        old, self.told = self.told, dict(positions)
+        for c in self.waiting:
+            if c.id in self.told and self.told[c.id] != old.get(c.id):
+                self._send_position(c)
+
+    def ready_to_start(self, client: Client) -> bool:
+        """Connection up, data channel open, heard from lately: nothing it would see is lost, and a client that
+        vanished while waiting does not hold an engine."""
+        fresh = time.monotonic() - self.settings.ping_timeout * 0.75
+        return client.state == "waiting" and client.connected and client.ready and client.last_seen >= fresh
+
+    def begin_elsewhere(self, client: Client, relay: Any) -> None:
+        """Directed: the client's session runs on another replica's engine; `relay` carries it (scale/relay.py)."""
         if client in self.waiting:
-            client.send(P.runtime(P.QUEUE, {"position": self.waiting.index(client) + 1,
-                                            "waiting": len(self.waiting), "in_session": self.active is not None}))
+            self.waiting.remove(client)
+        client.relay, client.state, client.started = relay, "active", time.monotonic()
+        client.last_sent, client.last_stats = client.track.sent, time.monotonic()
+        client.send(self._started_message(client))
+        log.info("session %s started for %s on another replica's engine", client.id[:8], client.remote or "?")
+        self._send_positions()
 
     def _send_positions(self) -> None:
         for c in self.waiting:
             self._send_position(c)
 
-    async def promote(self) -> None:
-        """Give the engine to the first client in line, if it is free."""
+    async def promote(self, chosen: Client | None = None) -> bool:
+        """Give the engine to the first client in line, if it is free; directed, only to the `chosen` one (the
+        front's pick, or a relay standing for another replica's client). True when its session started."""
         async with self._promote_lock:
-            if self.closing or self.active is not None or not self.waiting:
-                return
+            if self.closing or self.active is not None:
+                return False
             if self.host.busy:  # the last session is still winding down; the ticker retries
-                return
-            # the first in line whose connection is up and who was heard from lately (so nothing it would see
-            # is lost before it can, and a client that vanished while waiting does not hold the model)
-            fresh = time.monotonic() - self.settings.ping_timeout * 0.75
-            client = next((c for c in self.waiting if c.connected and c.ready and c.last_seen >= fresh), None)
+                return False
+            if chosen is None:
+                if self.directed:  # the front decides; tell it now rather than at its next poll
+                    if self.on_line_change is not None:
+                        self.on_line_change()
+                    return False
+                client = next((c for c in self.waiting if self.ready_to_start(c)), None)
+            else:
+                client = chosen if chosen.relayed or self.ready_to_start(chosen) else None
             if client is None:
-                return
-            self.waiting.remove(client)
+                return False
+            if client in self.waiting:
+                self.waiting.remove(client)
             loop = self._loop or asyncio.get_running_loop()
             metrics = self.metrics
             follows_camera = bool(self.media.tracks())
@@ -266,15 +313,18 @@ class SessionManager:
                 self.host.start_session(on_block, on_end)
             except SessionError as exc:
                 log.warning("could not start a session: %s", exc)
-                self.waiting.insert(0, client)
-                return
+                if not client.relayed:
+                    self.waiting.insert(0, client)
+                return False
             self.active = client
             client.state = "active"
             client.started = time.monotonic()
             client.last_sent, client.last_stats = client.track.sent, time.monotonic()
             client.send(self._started_message(client))
-            log.info("session %s started for %s", client.id[:8], client.remote or "?")
+            log.info("session %s started for %s%s", client.id[:8], client.remote or "?",
+                     " (relayed from another replica)" if client.relayed else "")
         self._send_positions()
+        return True
 
     async def _engine_ended(self, client: Client, result: Any) -> None:
         """The engine ended a session by itself (a node error, or its consumer failed)."""
@@ -301,6 +351,9 @@ class SessionManager:
         self.metrics.inc("sessions_ended_total", reason=_reason_label(reason))
         client.send(P.runtime(P.SESSION_ENDED, {"reason": reason, "error": error}))
         self.uploads.drop(client.id)  # a session's uploads end with it
+        relay, client.relay = client.relay, None
+        if relay is not None:  # its engine is another replica's: the relay's close frees it
+            await relay.close(reason)
         if was_active:
             self.active = None
             self.media.ended()

@@ -138,6 +138,31 @@ class UploadStore:
         up.complete = True
         return up
 
+    def put(self, session_id: str, upload_id: str, name: str, mime_type: str, data: bytes) -> Upload:
+        """An upload another replica received for the client this session stands for (scale/relay.py): kept
+        under the same id, so the client's FileRefs name it here too; the same limits and checks."""
+        if not isinstance(upload_id, str) or not upload_id or len(upload_id) > 64 or \
+                not all(ch.isascii() and (ch.isalnum() or ch in "-_") for ch in upload_id):
+            raise UploadError(400, "not an upload id")
+        up = self.create(session_id, {"name": name, "size": len(data), "mime_type": mime_type})
+        s = self.sessions[session_id]
+        del s.files[up.id]
+        if upload_id in s.files:
+            s.bytes -= up.size
+            return s.files[upload_id]
+        up.id = upload_id
+        s.files[upload_id] = up
+        try:
+            self.check_header(data, up)
+        except UploadError:
+            del s.files[upload_id]
+            s.bytes -= up.size
+            raise
+        with open(up.path, "xb") as f:
+            f.write(data)
+        up.complete = True
+        return up
+
     def check_header(self, data: bytes, up: Upload) -> None:
         """Cheap checks before the bytes are kept: an image signature, and a header within the pixel limit."""
         from PIL import Image

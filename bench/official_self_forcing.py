@@ -247,3 +247,27 @@ def official_forward(model: nn.Module, cache: OfficialCache, x: torch.Tensor, t:
     x [B, C, F, H, W] in the model dtype, t [B, F], context T5 features [B, L, text_dim] -> flow [B, C, F, H, W]."""
     return model(x, t=t, context=context, seq_len=cache.kv[0]["k"].shape[1], kv_cache=cache.kv,
                  crossattn_cache=cache.cross, current_start=start_frame * cache.tokens_per_frame)
+
+
+def official_block(model: nn.Module, cache: OfficialCache, noise: torch.Tensor, context: torch.Tensor,
+                   start_frame: int, schedule, context_noise: float = 0.0) -> torch.Tensor:
+    """One block as their CausalInferencePipeline.inference makes it: `schedule.num_steps` calls at the warped
+    timesteps, each x0 re-noised with the next step's noise, then the cache pass on the clean x0 at
+    `context_noise`. noise [steps, B, C, F, H, W] (noise[0] is x_T) -> x0 [B, C, F, H, W] float32.
+
+    The sampler arithmetic is ours (BlockCausalWan's, in float32) on both sides, so the comparison is of the
+    DiTs: their wrapper converts flow -> x0 in float64 and rounds x0 to bf16 before re-noising it."""
+    b, f = noise.shape[1], noise.shape[3]
+    dtype = next(model.parameters()).dtype
+    x = noise[0].float()
+    x0 = x
+    for i, (t, s) in enumerate(zip(schedule.timesteps, schedule.sigmas)):
+        tt = torch.full((b, f), float(t), dtype=torch.float32, device=noise.device)
+        flow = official_forward(model, cache, x.to(dtype), tt, context, start_frame)
+        x0 = x - s * flow.float()
+        if i + 1 < schedule.num_steps:
+            sn = schedule.next_sigmas[i]
+            x = (1 - sn) * x0 + sn * noise[i + 1].float()
+    tt = torch.full((b, f), float(context_noise), dtype=torch.float32, device=noise.device)
+    official_forward(model, cache, x0.to(dtype), tt, context, start_frame)
+    return x0

@@ -129,6 +129,9 @@ def load_official(src: str | Path, attention: str = "sdpa") -> Official:
         raise ValueError(f"official attention {attention!r}: sdpa or fa3")
     loaded = sys.modules.get("wan.modules.causal_model")
     if loaded is not None:
+        prev = getattr(loaded, "_reactor_official", None)  # loaded by another copy of this module
+        if prev is not None and prev.src == src and prev.attention_mode == attention:
+            return prev
         raise RuntimeError(f"the official modules are already loaded from {Path(loaded.__file__).parents[2]} "
                            "(one checkout and one attention mode per process)")
     for name in ("flash_attn", "flash_attn_interface"):
@@ -169,7 +172,9 @@ def load_official(src: str | Path, attention: str = "sdpa") -> Official:
         mods["causal_model"].attention = sdpa
         stubs.append("model.flash_attention -> their attention() (SDPA fallback) for the cross-attention; "
                      "attention() called with dtype=q.dtype (a no-op in bf16)")
-    return Official(src, attention, att, mdl, mods["causal_model"], stubs)
+    off = Official(src, attention, att, mdl, mods["causal_model"], stubs)
+    mods["causal_model"]._reactor_official = off
+    return off
 
 
 # ------------------------------------------------------------------------------------------------ model

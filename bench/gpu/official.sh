@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 22 on one H200, one call, at most ~4 min wall: the OFFICIAL Self-Forcing DiT next to ours, same weights and
+# inputs (bench/bench_official.py). Needs the official source carried at .official/Self-Forcing (python files of a
+# guandeh17/Self-Forcing checkout; git-ignored, never committed).
+#   1. tests/models/test_wan_dit_eager.py on CUDA (the eager fast paths bitwise against the plain forms)   <= 40 s
+#   2. one process, every mode, JSON written after each (official_compile last: a timeout loses only it)  rest
+#      official_eager, ours_eager, ours_cudagraph (regional compile + CUDA graph), ours_graph, official_compile
+# Env: ATTN=sdpa|fa3 (both sides' attention kernel, default sdpa), COMPILE_MODE (official_compile's torch.compile
+# mode, default "default"; their demo uses max-autotune-no-cudagraphs, which autotunes for minutes).
+bash bench/device_setup.sh; export PYTHONPATH=/tmp/site
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+T0=$(date +%s)
+el() { echo "$(( $(date +%s) - T0 ))"; }
+SRC=.official/Self-Forcing
+ATTN=${ATTN:-sdpa}
+if [ ! -f "$SRC/wan/modules/causal_model.py" ]; then echo "no official source at $SRC: carry .official"; exit 2; fi
+
+echo "[$(el)s] tests"
+timeout 40 python3 -m pytest tests/models/test_wan_dit_eager.py -q -p no:cacheprovider -rs > "$OUT/tests.log" 2>&1
+echo "tests rc $?" >> "$OUT/tests.log"; tail -2 "$OUT/tests.log"
+
+LEFT=$(( 225 - $(el) ))
+echo "[$(el)s] bench ($ATTN), ${LEFT}s left"
+timeout "$LEFT" python3 bench/bench_official.py "$OUT/official_$ATTN.json" --official-src "$SRC" --attention "$ATTN" \
+  --modes official_eager,ours_eager,ours_cudagraph,ours_graph,official_compile --blocks 5 --warmup 2 \
+  --compile-mode "${COMPILE_MODE:-default}" > "$OUT/official_$ATTN.log" 2>&1
+echo "bench rc $?" >> "$OUT/official_$ATTN.log"
+
+echo "===== summary ($(el)s wall)"
+grep -E "FAILED|agreement|: [0-9.]+ ms a block|bench rc" "$OUT/official_$ATTN.log" | cut -c1-260
+python3 - "$OUT/official_$ATTN.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+ms = {m: v["ms_p50"] for m, v in r["modes"].items()}
+print("per block ms p50:", {m: round(v, 1) for m, v in ms.items()})
+for a, b in (("official_eager", "ours_eager"), ("official_eager", "ours_cudagraph"),
+             ("official_compile", "ours_cudagraph"), ("ours_eager", "ours_cudagraph")):
+    if a in ms and b in ms:
+        print(f"{a}/{b} = {ms[a] / ms[b]:.3f}")
+print("agreement:", {k: round(v, 5) for k, v in r.get("agreement", {}).items()})
+print("errors:", r.get("errors"))
+PY

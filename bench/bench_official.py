@@ -73,6 +73,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="the tiny config on an 8x6 latent (a smoke test)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", action="store_true", help="one block of each eager side under torch.profiler: GPU "
+                    "time by kernel category and the top kernels (the eager gap, kernel by kernel), into the JSON")
     return ap.parse_args(argv)
 
 
@@ -239,10 +241,55 @@ class Bench:
 
         return replay, graph, setup_s
 
+    def profile(self, block) -> dict:
+        """One block under torch.profiler (after one unprofiled): kernel time by category, top kernels."""
+        torch = self.torch
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.dev.type == "cuda" else [])
+        with torch.inference_mode():
+            block()
+            self.sync()
+            with profile(activities=acts) as prof:
+                t = time.perf_counter()
+                block()
+                self.sync()
+                wall = (time.perf_counter() - t) * 1e3
+        rows = []
+        for e in prof.key_averages():
+            if "CUDA" not in str(getattr(e, "device_type", "")):
+                continue
+            us = getattr(e, "self_device_time_total", None)
+            us = getattr(e, "self_cuda_time_total", 0) if us is None else us
+            if us > 0:
+                rows.append((e.key, us / 1e3, e.count))
+        rows.sort(key=lambda r: -r[1])
+        cats: dict[str, float] = {}
+        for name, ms, _ in rows:
+            cats[kernel_category(name)] = cats.get(kernel_category(name), 0.0) + ms
+        return {"wall_ms": wall, "gpu_kernel_ms": sum(r[1] for r in rows), "kernel_launches": sum(r[2] for r in rows),
+                "by_category_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+                "top": [[n[:160], round(ms, 3), c] for n, ms, c in rows[:40]]}
+
     def uncompile_ours(self) -> None:
         for blk in self.ours.blocks:
             blk.__dict__.pop("qkv", None)
             blk.__dict__.pop("finish", None)
+
+
+def kernel_category(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("fmha", "flash", "sdpa", "attention", "attn")):
+        return "attention"
+    if any(k in n for k in ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "gemv")):
+        return "gemm"
+    if any(k in n for k in ("copy", "memcpy", "memset", "catarray", "fill")):
+        return "copy/cat/fill"
+    if any(k in n for k in ("norm", "reduce", "softmax")):
+        return "norm/reduce"
+    if any(k in n for k in ("elementwise", "vectorized", "unrolled", "triton")):
+        return "elementwise"
+    return "other"
 
 
 def main(argv=None) -> int:
@@ -281,6 +328,17 @@ def main(argv=None) -> int:
     report["agreement"] = b.agreement()
     say("agreement (ours vs official, bf16): " + ", ".join(f"{k} {v:.3g}" for k, v in report["agreement"].items()))
     write()
+
+    if args.profile:
+        for side, block in (("official_eager", b.official_block), ("ours_eager", b.ours_block)):
+            try:
+                p = report.setdefault("profile", {})[side] = b.profile(block)
+                say(f"profile {side}: wall {p['wall_ms']:.1f} ms, kernels {p['gpu_kernel_ms']:.1f} ms in "
+                    f"{p['kernel_launches']} launches; " + ", ".join(f"{k} {v:.1f}" for k, v in p["by_category_ms"].items()))
+            except Exception as exc:
+                report["errors"][f"profile {side}"] = f"{type(exc).__name__}: {exc}"
+                say(f"profile {side} FAILED: {type(exc).__name__}: {exc}")
+        write()
 
     for mode in modes:
         try:

@@ -3,8 +3,9 @@
 # inputs (bench/bench_official.py). Needs the official source carried at .official/Self-Forcing (python files of a
 # guandeh17/Self-Forcing checkout; git-ignored, never committed).
 #   1. tests/models/test_wan_dit_eager.py on CUDA (the eager fast paths bitwise against the plain forms)   <= 40 s
-#   2. one process, every mode, JSON written after each (official_compile last: a timeout loses only it)  rest
-#      official_eager, ours_eager, ours_cudagraph (regional compile + CUDA graph), ours_graph, official_compile
+#   2. one process, JSON written after each step (a timeout loses only what is left)                       rest
+#      agreement; one profiled eager block per side (GPU time by kernel category, top kernels); then
+#      official_eager, ours_eager, ours_cudagraph (regional compile + CUDA graph), official_compile, ours_graph
 # Env: ATTN=sdpa|fa3 (both sides' attention kernel, default sdpa), COMPILE_MODE (official_compile's torch.compile
 # mode, default "default"; their demo uses max-autotune-no-cudagraphs, which autotunes for minutes).
 bash bench/device_setup.sh; export PYTHONPATH=/tmp/site
@@ -24,11 +25,11 @@ LEFT=$(( 225 - $(el) ))
 echo "[$(el)s] bench ($ATTN), ${LEFT}s left"
 timeout "$LEFT" python3 bench/bench_official.py "$OUT/official_$ATTN.json" --official-src "$SRC" --attention "$ATTN" \
   --modes official_eager,ours_eager,ours_cudagraph,ours_graph,official_compile --blocks 5 --warmup 2 \
-  --compile-mode "${COMPILE_MODE:-default}" > "$OUT/official_$ATTN.log" 2>&1
+  --compile-mode "${COMPILE_MODE:-default}" --profile > "$OUT/official_$ATTN.log" 2>&1
 echo "bench rc $?" >> "$OUT/official_$ATTN.log"
 
 echo "===== summary ($(el)s wall)"
-grep -E "FAILED|agreement|: [0-9.]+ ms a block|bench rc" "$OUT/official_$ATTN.log" | cut -c1-260
+grep -E "FAILED|agreement|profile |: [0-9.]+ ms a block|bench rc" "$OUT/official_$ATTN.log" | cut -c1-260
 python3 - "$OUT/official_$ATTN.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -39,5 +40,10 @@ for a, b in (("official_eager", "ours_eager"), ("official_eager", "ours_cudagrap
     if a in ms and b in ms:
         print(f"{a}/{b} = {ms[a] / ms[b]:.3f}")
 print("agreement:", {k: round(v, 5) for k, v in r.get("agreement", {}).items()})
+for side, p in r.get("profile", {}).items():
+    print(f"profile {side}: wall {p['wall_ms']:.1f} ms, kernels {p['gpu_kernel_ms']:.1f} ms, {p['kernel_launches']} launches,",
+          {k: round(v, 1) for k, v in p["by_category_ms"].items()})
+    for name, ms, n in p["top"][:10]:
+        print(f"    {ms:8.2f} ms {n:6d}x {name[:110]}")
 print("errors:", r.get("errors"))
 PY

@@ -6,7 +6,10 @@ provides (the GPU runs carry one at .official/Self-Forcing, git-ignored). Nothin
 What is imported, and what is stubbed (only what the timed path does not use)
     wan/modules/attention.py, model.py, causal_model.py are loaded as `wan.modules.*` WITHOUT running the
     packages' __init__ files (wan/__init__.py imports the T2V/I2V pipelines, T5, CLIP, the VAE and the
-    distributed helpers: none of them is on the DiT's path). The DiT path needs torch only, plus:
+    distributed helpers: tqdm, diffusers' schedulers, ftfy + transformers for the tokenizer, torchvision; none of
+    them is on the DiT's path). Their pipeline/causal_inference.py and utils/wan_wrapper.py are not used either:
+    the wrapper builds the model by `from_pretrained` of a wan_models/ folder and loads the T5 and VAE checkpoints;
+    `official_block` makes the calls their pipeline makes. The DiT path needs torch only, plus:
       * diffusers (`ModelMixin`, `ConfigMixin`, `register_to_config`): base classes and a config-recording
         decorator of CausalWanModel, no part of its forward. Used when importable, else stubbed
         (nn.Module / object / identity).

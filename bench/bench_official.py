@@ -33,6 +33,8 @@ Agreement (same noise, timesteps, text features, cache): relative L2 of ours aga
 flow (one DiT call), the block's x0 (all 4 steps), and the keys/values the block caches (max over layers); plus each
 compiled/captured mode against its eager one. Their residual stream is bf16, ours float32 (Wan's): in float32
 both agree to ~1e-7 (tests/models/test_official_self_forcing.py), so the bf16 figure is that precision gap.
+`--fp32-check` repeats the step-0 call at full size with float32 copies of both models (the same cache and inputs,
+upcast), and reports how far each bf16 side is from its float32 result.
 
 The JSON is written after each mode. `--attention fa3`: FlashAttention-3 (fa3_fwd) for both sides' attention
 (theirs self- and cross-attention, ours self-attention), instead of SDPA.
@@ -76,6 +78,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="the tiny config on an 8x6 latent (a smoke test)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fp32-check", action="store_true", help="also one DiT call of both models in float32 (the same "
+                    "weights and cache, upcast): at full size, that the bf16 difference is precision only")
     ap.add_argument("--profile", action="store_true", help="one block of each eager side under torch.profiler: GPU "
                     "time by kernel category and the top kernels (the eager gap, kernel by kernel), into the JSON")
     return ap.parse_args(argv)
@@ -176,6 +180,7 @@ class Bench:
             f_theirs = self.osf.official_forward(self.theirs, self.ocache, self.noise[0], t0.float(),
                                                  self.context, self.start)
             out["flow_step0_rel_l2"] = rel_l2(f_ours, f_theirs)
+            self.f_ours, self.f_theirs = f_ours.clone(), f_theirs.clone()
             x_theirs = self.official_block()
             x_ours = self.ours_block()
             out["x0_rel_l2"] = rel_l2(x_ours, x_theirs)
@@ -188,6 +193,40 @@ class Bench:
             out["x0_norm"] = x_theirs.norm().item()
         self.x_ours, self.x_theirs = x_ours.clone(), x_theirs.clone()
         return out
+
+    def fp32_check(self) -> dict:
+        """The step-0 DiT call of float32 copies of both models on float32 copies of the cache and inputs."""
+        import copy
+
+        torch = self.torch
+        from reactor_graph.models.wan_dit import BlockCausalWan, KVCache
+
+        f32 = torch.float32
+        ours = copy.deepcopy(self.ours).float()
+        theirs = self.osf.build_official(self.off, self.cfg, ours, self.dev, f32)
+        cache = KVCache(self.cfg, batch_size=1, latent_hw=self.cache.latent_hw, max_frames=self.cache.max_frames,
+                        frames_per_block=3, rolling=True, dtype=f32, device=self.dev)
+        oc = self.osf.OfficialCache(self.cfg, batch_size=1, tokens_per_frame=self.cache.tokens_per_frame,
+                                    max_frames=self.cache.max_frames, dtype=f32, device=self.dev)
+        n = self.phase.cache_start
+        ctx = self.context.float()
+        with torch.inference_mode():
+            cache.kv[..., :n, :, :].copy_(self.cache.kv[..., :n, :, :])
+            for i, c in enumerate(oc.kv):
+                c["k"][:, :n].copy_(cache.kv[i, 0, :, :n])
+                c["v"][:, :n].copy_(cache.kv[i, 1, :, :n])
+            BlockCausalWan(ours, cache).set_context(ctx)
+            oc.set_end(self.start)
+            t0 = self.gen.step_timestep(0)
+            f_ours = ours.forward_block(self.noise[0].float(), t0, None, cache, n)
+            f_theirs = self.osf.official_forward(theirs, oc, self.noise[0].float(), t0.float(), ctx, self.start)
+            r = {"fp32_flow_step0_rel_l2": rel_l2(f_ours, f_theirs),
+                 "fp32_vs_bf16_ours_flow_rel_l2": rel_l2(self.f_ours, f_ours),
+                 "fp32_vs_bf16_official_flow_rel_l2": rel_l2(self.f_theirs, f_theirs)}
+        del ours, theirs, cache, oc
+        if self.dev.type == "cuda":
+            torch.cuda.empty_cache()
+        return r
 
     # -- timing
 
@@ -336,6 +375,14 @@ def main(argv=None) -> int:
     report["agreement"] = b.agreement()
     say("agreement (ours vs official, bf16): " + ", ".join(f"{k} {v:.3g}" for k, v in report["agreement"].items()))
     write()
+    if args.fp32_check:
+        try:
+            report["agreement"].update(b.fp32_check())
+            say("fp32 check: " + ", ".join(f"{k} {v:.3g}" for k, v in report["agreement"].items() if "fp32" in k))
+        except Exception as exc:
+            report["errors"]["fp32_check"] = f"{type(exc).__name__}: {exc}"
+            say(f"fp32 check FAILED: {type(exc).__name__}: {exc}")
+        write()
 
     if args.profile:
         for side, block in (("official_eager", b.official_block), ("ours_eager", b.ours_block)):

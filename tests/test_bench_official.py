@@ -21,7 +21,7 @@ def test_bench_official_reports_both_sides_and_their_agreement(tmp_path):
     spec.loader.exec_module(mod)
     out = tmp_path / "official.json"
     rc = mod.main([str(out), "--official-src", str(SRC), "--tiny", "--device", "cpu", "--blocks", "2",
-                   "--warmup", "1", "--max-frames", "9", "--modes", "official_eager,ours_eager"])
+                   "--warmup", "1", "--max-frames", "9", "--modes", "official_eager,ours_eager", "--fp32-check"])
     r = json.loads(out.read_text())
     assert rc == 0 and not r["errors"], r["errors"]
     assert set(r["modes"]) == {"official_eager", "ours_eager"}
@@ -33,4 +33,6 @@ def test_bench_official_reports_both_sides_and_their_agreement(tmp_path):
     # bf16: their residual stream is bf16, ours float32; a wrong weight, cache or timestep would be O(1)
     assert 1e-5 < a["x0_rel_l2"] < 2e-2 and a["flow_step0_rel_l2"] < 2e-2
     assert a["cache_k_rel_l2_max"] < 3e-2 and a["cache_v_rel_l2_max"] < 3e-2
+    assert a["fp32_flow_step0_rel_l2"] < 1e-5  # the same function: the bf16 gap is precision
+    assert 0 < a["fp32_vs_bf16_ours_flow_rel_l2"] < 2e-2 and 0 < a["fp32_vs_bf16_official_flow_rel_l2"] < 2e-2
     assert r["phase"] == "fill2@6" and r["cache_tokens"] == 9 * 12

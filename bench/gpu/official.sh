@@ -4,7 +4,7 @@
 # guandeh17/Self-Forcing checkout; git-ignored, never committed).
 #   1. tests/models/test_wan_dit_eager.py on CUDA (the eager fast paths bitwise against the plain forms)   <= 40 s
 #   2. one process, JSON written after each step (a timeout loses only what is left)                       rest
-#      agreement; one profiled eager block per side (GPU time by kernel category, top kernels); then
+#      agreement (bf16, and float32 copies of both: --fp32-check); one profiled eager block per side (GPU time by kernel category, top kernels); then
 #      official_eager, ours_eager, ours_cudagraph (regional compile + CUDA graph), official_compile, ours_graph,
 #      ours_rolling (our endless stream's rolling phase, captured: no official counterpart)
 # Env: ATTN=sdpa|fa3 (both sides' attention kernel, default sdpa), COMPILE_MODE (official_compile's torch.compile
@@ -26,7 +26,7 @@ LEFT=$(( 225 - $(el) ))
 echo "[$(el)s] bench ($ATTN), ${LEFT}s left"
 timeout "$LEFT" python3 bench/bench_official.py "$OUT/official_$ATTN.json" --official-src "$SRC" --attention "$ATTN" \
   --modes official_eager,ours_eager,ours_cudagraph,official_compile,ours_graph,ours_rolling --blocks 5 --warmup 2 \
-  --compile-mode "${COMPILE_MODE:-default}" --profile > "$OUT/official_$ATTN.log" 2>&1
+  --compile-mode "${COMPILE_MODE:-default}" --profile --fp32-check > "$OUT/official_$ATTN.log" 2>&1
 echo "bench rc $?" >> "$OUT/official_$ATTN.log"
 
 echo "===== summary ($(el)s wall)"

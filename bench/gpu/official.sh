@@ -30,7 +30,7 @@ timeout "$LEFT" python3 bench/bench_official.py "$OUT/official_$ATTN.json" --off
 echo "bench rc $?" >> "$OUT/official_$ATTN.log"
 
 echo "===== summary ($(el)s wall)"
-grep -E "FAILED|agreement|profile |: [0-9.]+ ms a block|bench rc" "$OUT/official_$ATTN.log" | cut -c1-260
+grep -E "FAILED|agreement|fp32 check|profile |: [0-9.]+ ms a block|bench rc" "$OUT/official_$ATTN.log" | cut -c1-260
 python3 - "$OUT/official_$ATTN.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))

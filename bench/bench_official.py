@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import platform
 import sys
 import time
@@ -388,8 +387,9 @@ def main(argv=None) -> int:
         for side, block in (("official_eager", b.official_block), ("ours_eager", b.ours_block)):
             try:
                 p = report.setdefault("profile", {})[side] = b.profile(block)
+                cats = ", ".join(f"{k} {v:.1f}" for k, v in p["by_category_ms"].items())
                 say(f"profile {side}: wall {p['wall_ms']:.1f} ms, kernels {p['gpu_kernel_ms']:.1f} ms in "
-                    f"{p['kernel_launches']} launches; " + ", ".join(f"{k} {v:.1f}" for k, v in p["by_category_ms"].items()))
+                    f"{p['kernel_launches']} launches; {cats}")
             except Exception as exc:
                 report["errors"][f"profile {side}"] = f"{type(exc).__name__}: {exc}"
                 say(f"profile {side} FAILED: {type(exc).__name__}: {exc}")

@@ -197,13 +197,28 @@ def rope_tables(cfg: WanConfig, frames: int, grid_hw: tuple[int, int], frame_off
     return ang.cos().float().to(device), ang.sin().float().to(device)
 
 
+def _plain_form(*tensors: torch.Tensor) -> bool:
+    """Whether to use the plain float32 form of a piece instead of its eager fast path (same numbers): under
+    torch.compile (inductor fuses the plain form), or when autograd records (the fast paths write into `out=`)."""
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs (2i, 2i+1) of x [..., N, H, D] by angles cos/sin [N, D/2] (in float32)."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
     c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [N, 1, D/2], broadcast over heads
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    if _plain_form(x, cos, sin):
+        xf = x.float().unflatten(-1, (-1, 2))
+        x0, x1 = xf[..., 0], xf[..., 1]
+        out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
+        return out.flatten(-2).to(x.dtype)
+    # eager, the same numbers with less traffic: x's halves are promoted to float32 inside the products (exact),
+    # and the float32 sums are rounded to x's dtype as they are stored into the interleaved output (as .to() does)
+    xp = x.unflatten(-1, (-1, 2))
+    x0, x1 = xp[..., 0], xp[..., 1]
+    out = torch.empty_like(xp)
+    torch.sub(x0 * c, x1 * s, out=out[..., 0])
+    torch.add(x0 * s, x1 * c, out=out[..., 1])
+    return out.flatten(-2)
 
 
 # ------------------------------------------------------------------------------------------------ modules
@@ -241,8 +256,12 @@ class WanRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * self.weight.to(x.dtype)
+        r = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        if x.dtype == torch.float32 or _plain_form(x):
+            y = (xf * r).to(x.dtype)
+        else:  # eager: the float32 product rounded to x's dtype as it is stored (no float32 temporary)
+            y = torch.mul(xf, r, out=torch.empty_like(x))
+        return y * self.weight.to(x.dtype)
 
 
 class WanLayerNorm(nn.LayerNorm):
@@ -292,15 +311,26 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return o.transpose(1, 2)
 
 
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int) -> torch.Tensor:
-    """x [B, L, dim] (float32), shift/scale [B, F, 1, dim]: per-frame adaLN."""
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [B, L, dim] (float32), shift/scale [B, F, 1, dim]: per-frame adaLN, computed in float32 and returned in
+    `dtype` (default x's). Eager, a narrower dtype is rounded as the sum is stored: the same numbers as .to(dtype)
+    after it, without the float32 temporary and the cast kernel."""
     b, n, d = x.shape
-    return (x.view(b, frames, n // frames, d) * (1 + scale) + shift).view(b, n, d)
+    xv = x.view(b, frames, n // frames, d)
+    if dtype is None or dtype == x.dtype or _plain_form(x, shift, scale):
+        y = (xv * (1 + scale) + shift).view(b, n, d)
+        return y if dtype is None else y.to(dtype)
+    out = torch.empty(xv.shape, dtype=dtype, device=x.device)
+    torch.add(xv * (1 + scale), shift, out=out)
+    return out.view(b, n, d)
 
 
 def _gate(y: torch.Tensor, gate: torch.Tensor, frames: int) -> torch.Tensor:
+    """y [B, L, dim] (parameter dtype) * gate [B, F, 1, dim] (float32) -> float32: the product promotes y (exactly)
+    inside the one kernel, no separate cast."""
     b, n, d = y.shape
-    return (y.float().view(b, frames, n // frames, d) * gate).view(b, n, d)
+    return (y.view(b, frames, n // frames, d) * gate).view(b, n, d)
 
 
 class WanBlock(nn.Module):
@@ -321,7 +351,8 @@ class WanBlock(nn.Module):
 
     def qkv(self, x: torch.Tensor, m: torch.Tensor, frames: int, cos: torch.Tensor, sin: torch.Tensor):
         """Self-attention q, k (both RoPE'd) and v, [B, L, H, D] in the parameter dtype."""
-        h = _modulate(self.norm1(x), m[:, :, 0:1], m[:, :, 1:2], frames)
+        # h in the parameter dtype once, not cast again by each of the q, k and v projections
+        h = _modulate(self.norm1(x), m[:, :, 0:1], m[:, :, 1:2], frames, self.modulation.dtype)
         q = apply_rope(self.self_attn.project_q(h), cos, sin)
         k, v = self.self_attn.project_kv(h)
         return q, apply_rope(k, cos, sin), v
@@ -331,8 +362,8 @@ class WanBlock(nn.Module):
         """Residual of self-attention output a [B, L, H, D], then cross-attention and FFN."""
         x = x + _gate(self.self_attn.out(a), m[:, :, 2:3], frames)
         q = self.cross_attn.project_q(self.norm3(x))
-        x = x + self.cross_attn.out(attend(q, cross_k, cross_v)).float()
-        h = _modulate(self.norm2(x), m[:, :, 3:4], m[:, :, 4:5], frames)
+        x = x + self.cross_attn.out(attend(q, cross_k, cross_v))  # float32 + parameter dtype -> float32
+        h = _modulate(self.norm2(x), m[:, :, 3:4], m[:, :, 4:5], frames, self.modulation.dtype)
         y = _ffn(self.ffn, h)
         return x + _gate(y, m[:, :, 5:6], frames)
 

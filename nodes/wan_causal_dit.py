@@ -49,6 +49,16 @@ Attention
     fa3/fa3_fp8 where FA3 cannot run fails the load (no silent fallback). The choice made is `attention_path`.
     Cross-attention (512 text tokens) stays on SDPA.
 
+Linear layers
+    `linears: bf16` (default) or `fp8`: the blocks' self-attention q/k/v/o, cross-attention q/o and FFN layers on
+    e4m3 weights (per output channel scales, quantised once at load, after any LoRA merge) through
+    `torch._scaled_mm` with row-wise scales (reactor_graph/models/fp8_linear.py). Each activation is quantised per
+    token by the kernel that makes it (kernels/fp8_act_quant.py): LayerNorm + adaLN modulation before q/k/v (one
+    quantised input for the three) and the FFN, the cross-attention's LayerNorm before its q, bias + GELU between
+    the two FFN matmuls; the two attention outputs get one small quantisation pass each before their o
+    projections. The text cross-attention k/v stay bf16 (once per prompt). Not with `lora_swap` (it rewrites bf16
+    weights in place). Off CUDA the FP8 product is its torch reference (dequantised operands), for tests.
+
 Compilation
     `compile: regional` (default). The engine compiles (torch.compile) and CUDA-graph captures whole hot paths;
     traced whole, this node is 5 passes x 30 layers unrolled per phase, and every phase (8) is traced again:
@@ -104,6 +114,7 @@ from reactor_graph.weights import RANDOM, resolve, resolve_weights, use_random_w
 log = logging.getLogger("reactor_graph")
 
 CONFIGS = ("1.3b", "14b", "tiny")
+LINEARS = ("bf16", "fp8")
 
 
 def wan_config(name: str, layers: int | None = None):
@@ -177,6 +188,11 @@ class WanCausalDiT(Node):
                                 "is `attention_path` (logged at load)")
         fp8_scale: Literal["head", "tensor"] = Field(
             "head", description="with attention: fa3_fp8, one scale per (batch, head) or per tensor")
+        linears: Literal["bf16", "fp8"] = Field(
+            "bf16", description="the blocks' linear layers (self-attention q/k/v/o, cross-attention q/o, FFN): bf16, "
+                                "or fp8 (e4m3 weights with per-channel scales, quantised once at load; activations "
+                                "quantised per token inside the norm/modulation and GELU kernels that make them; "
+                                "torch._scaled_mm, sm89 or newer). The choice made is `linears_path`")
         compile: Literal["regional", "whole"] = Field(
             "regional", description="how compiled engine modes compile this node (see the module docstring)")
         compile_backend: str | None = Field(None, description="backend of regional compiles outside an engine, "
@@ -196,6 +212,9 @@ class WanCausalDiT(Node):
         p = params
         if p.layers is not None and p.weights != RANDOM:
             raise ValueError("layers can only be changed with `weights: random` (a checkpoint fixes the depth)")
+        if p.linears == "fp8" and p.lora_swap != "off":
+            raise ValueError("linears: fp8 quantises the merged weights once at load; an in-place LoRA swap "
+                             "(lora_swap) rewrites bf16 weights: use linears: bf16 with lora_swap")
         self.cfg = wan_config(p.config, p.layers)
         _, ph, pw = self.cfg.patch_size
         if p.latent_size[0] % ph or p.latent_size[1] % pw:
@@ -279,6 +298,9 @@ class WanCausalDiT(Node):
         if self.lora_delta is not None:
             self._merge(self.lora_delta, p.lora_scale, p.lora_alpha)
             self.lora_now = self.name
+        self.linears_path, self._bf16_linears = "bf16", {}
+        if p.linears != "bf16":  # after the merge: the merged weights are what is quantised
+            self.set_linears(p.linears, keep=False)
         self.cache = KVCache(cfg, batch_size=1, latent_hw=tuple(p.latent_size), max_frames=p.max_frames,
                              frames_per_block=p.frames_per_block, sink_frames=p.sink_frames, rolling=p.rolling,
                              dtype=dtype, device=device)
@@ -417,6 +439,34 @@ class WanCausalDiT(Node):
         self.attention_path = path
         log.info("node %s: self-attention %s (asked: %s)", self.name, path, choice)
         return path
+
+    def set_linears(self, choice: str, keep: bool = True) -> str:
+        """Run the blocks' linear layers in `choice` (bf16 | fp8, see the `linears` param) from the next trace or
+        run on; kept as `linears_path`. To fp8 the layers are replaced by `Fp8Linear`s (weights quantised now); with
+        `keep` the bf16 layers are kept aside so `set_linears('bf16')` can put them back (benches compare both in
+        one process), else they are freed. As with `set_attention`, build a new executor after this."""
+        from reactor_graph.models.fp8_linear import convert_linears_, fp8_matmul_unavailable, restore_linears_
+
+        if choice not in LINEARS:
+            raise ValueError(f"linears {choice!r} is not one of {', '.join(LINEARS)}")
+        if choice == self.linears_path:
+            return choice
+        if choice == "fp8":
+            if self._base is not None:
+                raise ValueError("linears: fp8 does not go with lora_swap (the swap rewrites bf16 weights)")
+            why = fp8_matmul_unavailable(self.device)
+            if why is not None:
+                raise ValueError(f"linears: fp8: {why}")
+            self._bf16_linears = convert_linears_(self.model, keep=keep)
+        else:
+            if not self._bf16_linears:
+                raise ValueError("linears: bf16: this node's linears were converted to fp8 without keeping the bf16 "
+                                 "layers (set_linears('fp8', keep=True) keeps them)")
+            restore_linears_(self.model, self._bf16_linears)
+            self._bf16_linears = {}
+        self.linears_path = choice
+        log.info("node %s: block linears %s", self.name, choice)
+        return choice
 
     def _attention(self):
         from reactor_graph.models.attention import SDPA_BACKENDS

@@ -83,7 +83,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fp8_linear
 from .attention import sdpa_attention
+from .fp8_linear import Fp8Linear
 
 __all__ = [
     "WanConfig",
@@ -224,16 +226,42 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ------------------------------------------------------------------------------------------------ modules
 
 
-def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _linear(layer: nn.Module, x) -> torch.Tensor:
+    """A block linear on x: a tensor, or for an `Fp8Linear` also an `Fp8Act` (quantised by the op that made it)."""
+    if isinstance(layer, Fp8Linear):
+        return layer(x)
     return layer(x.to(layer.weight.dtype))
 
 
-def _ffn(ffn: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
+def _norm_modulate(norm: "WanLayerNorm", x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int,
+                   consumer: nn.Module, dtype: torch.dtype | None = None):
+    """`_modulate(norm(x), ..., dtype)`; for an FP8 consumer the LayerNorm, the modulation and the per-token e4m3
+    quantisation are one kernel (kernels/fp8_act_quant.py) and the result is an `Fp8Act`."""
+    if isinstance(consumer, Fp8Linear):
+        return fp8_linear.modulate_quant(x, shift, scale, frames, norm.eps)
+    return _modulate(norm(x), shift, scale, frames, dtype)
+
+
+def _norm(norm: nn.Module, x: torch.Tensor, consumer: nn.Module):
+    """norm(x) (the cross-attention's affine LayerNorm, or Identity); quantised in the same kernel for FP8."""
+    if isinstance(consumer, Fp8Linear):
+        if isinstance(norm, WanLayerNorm):
+            return fp8_linear.layernorm_quant(x, norm.weight, norm.bias, norm.eps)
+        return fp8_linear.quantize_rows(norm(x))
+    return norm(x)
+
+
+def _ffn(ffn: nn.Sequential, h) -> torch.Tensor:
     """Wan's FFN, Linear -> GELU(tanh) -> Linear. On CUDA the GELU runs in cuBLASLt's epilogue
     (`_addmm_activation` is tanh-GELU there, computed on the fp32 accumulator): the [L, ffn_dim] hidden
     activation is written once instead of written, read and written again (about 8 ms of a Self-Forcing block
-    on an H100). Elsewhere (the CPU's version is erf-GELU), the plain path."""
+    on an H100). Elsewhere (the CPU's version is erf-GELU), the plain path.
+    In FP8 (h an `Fp8Act`): the first matmul without its bias, then one kernel adds the bias, applies the
+    tanh-GELU and quantises the hidden activation per row for the second matmul."""
     first, last = ffn[0], ffn[2]
+    if isinstance(first, Fp8Linear):
+        y = first(h, bias=False)  # [B, L, ffn_dim] bf16
+        return _linear(last, fp8_linear.gelu_quant(y, first.bias))
     if h.is_cuda and first.bias is not None:
         x = h.to(first.weight.dtype)
         y = torch._addmm_activation(first.bias, x.reshape(-1, x.shape[-1]), first.weight.t(), use_gelu=True)
@@ -352,7 +380,7 @@ class WanBlock(nn.Module):
     def qkv(self, x: torch.Tensor, m: torch.Tensor, frames: int, cos: torch.Tensor, sin: torch.Tensor):
         """Self-attention q, k (both RoPE'd) and v, [B, L, H, D] in the parameter dtype."""
         # h in the parameter dtype once, not cast again by each of the q, k and v projections
-        h = _modulate(self.norm1(x), m[:, :, 0:1], m[:, :, 1:2], frames, self.modulation.dtype)
+        h = _norm_modulate(self.norm1, x, m[:, :, 0:1], m[:, :, 1:2], frames, self.self_attn.q, self.modulation.dtype)
         q = apply_rope(self.self_attn.project_q(h), cos, sin)
         k, v = self.self_attn.project_kv(h)
         return q, apply_rope(k, cos, sin), v
@@ -361,9 +389,9 @@ class WanBlock(nn.Module):
                cross_k: torch.Tensor, cross_v: torch.Tensor) -> torch.Tensor:
         """Residual of self-attention output a [B, L, H, D], then cross-attention and FFN."""
         x = x + _gate(self.self_attn.out(a), m[:, :, 2:3], frames)
-        q = self.cross_attn.project_q(self.norm3(x))
+        q = self.cross_attn.project_q(_norm(self.norm3, x, self.cross_attn.q))
         x = x + self.cross_attn.out(attend(q, cross_k, cross_v))  # float32 + parameter dtype -> float32
-        h = _modulate(self.norm2(x), m[:, :, 3:4], m[:, :, 4:5], frames, self.modulation.dtype)
+        h = _norm_modulate(self.norm2, x, m[:, :, 3:4], m[:, :, 4:5], frames, self.ffn[0], self.modulation.dtype)
         y = _ffn(self.ffn, h)
         return x + _gate(y, m[:, :, 5:6], frames)
 

@@ -1,7 +1,9 @@
-"""How far the DiT's fast self-attention kernels move the stream, and how much faster they are, DiT only.
+"""How far the DiT's fast self-attention kernels and FP8 linears move the stream, and how much faster they are, DiT
+only.
 
     python bench/bench_attention_quality.py out.json                        # 1.3B, 480x832, 30 blocks (GPU)
     python bench/bench_attention_quality.py out.json --device cpu --tiny    # a smoke test of the script
+    python bench/bench_attention_quality.py out.json --ref fa3 --paths fa3+fp8,fa3_fp8+fp8   # FP8 linears
 
 Same model (Wan2.1-1.3B shape, random weights `init_random_`, bf16), same text features, same noise per block
 (seeded by block index) for every kernel. The reference is `--ref` (sdpa: PyTorch's choice, cuDNN on Hopper; or
@@ -12,6 +14,10 @@ cudnn). For each kernel of `--paths` (fa3, fa3_fp8, ...), over a `--blocks`-bloc
   * forced: before every block the kernel's cache is set to the reference's, so the error is that of one block;
   * decoded: PSNR of the free stream's frames against the reference's, both through a TAEHV decoder with random
     weights (frames in [-1, 1], peak-to-peak 2), one streaming decoder per stream.
+A path `KERNEL+fp8` runs that kernel with the block linear layers in FP8 (reactor_graph/models/fp8_linear.py: e4m3
+weights, activations quantised per token by the kernels that make them) on a converted copy of the same model; with
+`--ref fa3` the error of `fa3+fp8` is the FP8 linears' alone. `--no-forced` skips the forced streams (half the
+time).
 Then DiT-only speed: one rolling block (the fullest cache: the endless stream's every block) captured in a CUDA graph
 per kernel (eager kernels, no inductor) and replayed `--time-blocks` times: ms a block and the ratio to the reference.
 Engine figures (compiled regions, the whole graph) are bench_self_forcing.py --attentions.
@@ -38,7 +44,9 @@ def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="JSON report path")
     ap.add_argument("--paths", default="fa3,fa3_fp8", help="kernels to compare with the reference; fp8_ref: the "
-                    "torch reference of FP8 attention (dequantised q/k/v through SDPA), any device")
+                    "torch reference of FP8 attention (dequantised q/k/v through SDPA), any device; KERNEL+fp8: "
+                    "that kernel with the block linears in FP8")
+    ap.add_argument("--no-forced", action="store_true", help="skip the forced streams (the one-block errors)")
     ap.add_argument("--ref", default="sdpa", help="reference kernel (sdpa or an SDPA backend: cudnn, flash, math)")
     ap.add_argument("--blocks", type=int, default=30)
     ap.add_argument("--time-blocks", type=int, default=10, help="replays of the captured rolling block (0: none)")
@@ -135,6 +143,7 @@ def main() -> int:
 
     from reactor_graph.models.attention import (fa3_unavailable, fp8_reference_attention, make_attention,
                                                  resolve_attention)
+    from reactor_graph.models.fp8_linear import convert_linears_, fp8_matmul_unavailable
     from reactor_graph.models.taehv import TAEHVDecoder
     from reactor_graph.models.wan_dit import WanConfig, WanDiT, init_random_
 
@@ -166,18 +175,30 @@ def main() -> int:
     ref_path = resolve_attention(args.ref, dev)
     ref = Stream("ref", ref_path, make_attention(ref_path), model, cfg, args, dtype, decoder)
     streams = []
+    fp8_model = None  # one FP8 copy of the model for every `+fp8` path
     for p in [p.strip() for p in args.paths.split(",") if p.strip()]:
+        kernel, _, linears = p.partition("+")
+        linears = linears or "bf16"
         try:
-            path = p if p == "fp8_ref" else resolve_attention(p, dev)
+            if linears not in ("bf16", "fp8"):
+                raise ValueError(f"linears {linears!r}: bf16 or fp8")
+            if linears == "fp8" and fp8_matmul_unavailable(dev):
+                raise ValueError(f"linears: fp8: {fp8_matmul_unavailable(dev)}")
+            path = kernel if kernel == "fp8_ref" else resolve_attention(kernel, dev)
         except ValueError as exc:
             report["errors"][p] = str(exc)
             say(f"{p}: skipped: {exc}")
             continue
         attn = make_attention(path, args.fp8_scale) if path != "fp8_ref" else (
             lambda q, k, v: fp8_reference_attention(q, k, v, args.fp8_scale))
-        streams.append((p, Stream(f"{p} free", path, attn, model, cfg, args, dtype, decoder),
-                        Stream(f"{p} forced", path, attn, model, cfg, args, dtype, None)))
-        report["paths"][p] = {"path": path, "free_rel_l2": [], "forced_rel_l2": [], "psnr_db": []}
+        if linears == "fp8" and fp8_model is None:
+            fp8_model = copy.deepcopy(model)
+            convert_linears_(fp8_model)
+        m = fp8_model if linears == "fp8" else model
+        streams.append((p, Stream(f"{p} free", path, attn, m, cfg, args, dtype, decoder),
+                        None if args.no_forced else Stream(f"{p} forced", path, attn, m, cfg, args, dtype, None)))
+        report["paths"][p] = {"path": path, "linears": linears, "free_rel_l2": [], "forced_rel_l2": [],
+                              "psnr_db": []}
 
     g = torch.Generator().manual_seed(args.seed)
     context = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g).to(dev, dtype)
@@ -192,19 +213,21 @@ def main() -> int:
             phase = ref.gen.phase_for_block(i)
             ctx = context if i == 0 else None
             for _, _, forced in streams:  # the reference's cache before this block
-                forced.copy_cache_from(ref)
+                if forced is not None:
+                    forced.copy_cache_from(ref)
             x_ref = ref.block(noise, ctx, phase)
             f_ref = ref.decode(x_ref)
             for p, free, forced in streams:
                 r = report["paths"][p]
                 x_free = free.block(noise, ctx, phase)
-                x_forced = forced.block(noise, ctx if i == 0 else None, phase)
                 r["free_rel_l2"].append(rel_l2(x_free, x_ref))
-                r["forced_rel_l2"].append(rel_l2(x_forced, x_ref))
+                if forced is not None:
+                    r["forced_rel_l2"].append(rel_l2(forced.block(noise, ctx if i == 0 else None, phase), x_ref))
                 if f_ref is not None:
                     r["psnr_db"].append(psnr(free.decode(x_free), f_ref))
             say(f"block {i + 1}/{args.blocks} ({phase.name}): " + "; ".join(
-                f"{p} free {report['paths'][p]['free_rel_l2'][-1]:.4f} forced {report['paths'][p]['forced_rel_l2'][-1]:.4f}"
+                f"{p} free {report['paths'][p]['free_rel_l2'][-1]:.4f}"
+                + (f" forced {report['paths'][p]['forced_rel_l2'][-1]:.4f}" if report['paths'][p]['forced_rel_l2'] else "")
                 + (f" psnr {report['paths'][p]['psnr_db'][-1]:.1f} dB" if report['paths'][p]['psnr_db'] else "")
                 for p, _, _ in streams))
             out.write_text(json.dumps(report, indent=2))  # a run cut short keeps the blocks it measured
@@ -233,8 +256,9 @@ def main() -> int:
                 say(f"{p}: rolling block {tm['ms_p50']:.1f} ms (DiT, captured), {tm['speedup']:.3f}x the reference")
         out.write_text(json.dumps(report, indent=2))
     for p, r in report["paths"].items():
-        say(f"== {p} ({r['path']}) vs {ref_path}: latent rel L2 free max {r['free_rel_l2_max']:.4f} "
-            f"(last {r['free_rel_l2'][-1]:.4f}), forced max {r['forced_rel_l2_max']:.4f}"
+        say(f"== {p} ({r['path']}, linears {r['linears']}) vs {ref_path}: latent rel L2 free max "
+            f"{r['free_rel_l2_max']:.4f} (last {r['free_rel_l2'][-1]:.4f})"
+            + (f", forced max {r['forced_rel_l2_max']:.4f}" if r["forced_rel_l2"] else "")
             + (f", decoded PSNR min {r['psnr_db_min']:.1f} dB" if r["psnr_db"] else "")
             + (f", DiT rolling block {r['timing']['ms_p50']:.1f} ms ({r['timing']['speedup']:.3f}x)"
                if "timing" in r else ""))

@@ -24,7 +24,10 @@ lands in against the others, and that nothing recompiled or recaptured. The LoRA
 
 `--attentions sdpa,fa3,fa3_fp8`: each mode once per self-attention kernel of the DiT, in the same process, the first
 one the baseline (rows `MODE+KERNEL`, `attention` in the JSON: kernel asked -> resolved, frames/s and block p50 and
-their ratio to the baseline). `--no-per-node` skips the probed session of each mode (a compiled mode compiles and
+their ratio to the baseline). `--linears bf16,fp8` does the same for the DiT's block linear layers (bf16, or FP8 with
+the activation quantisation fused: nodes/wan_causal_dit.py `linears`), crossed with the kernels (rows
+`MODE+KERNEL+LINEARS` where both vary); `--pairs fa3/bf16,fa3/fp8,fa3_fp8/fp8` names the (kernel, linears) pairs
+instead of the full cross. `--no-per-node` skips the probed session of each mode (a compiled mode compiles and
 captures again for it) to keep such a run short. The kernels' quality: bench/bench_attention_quality.py.
 
 No network: nothing is downloaded. Needs torch with CUDA, triton (transformers only for a UMT5 `tokenizer:` folder).
@@ -72,6 +75,12 @@ def parse() -> argparse.Namespace:
                     help="the DiT's self-attention kernel (see nodes/wan_causal_dit.py)")
     ap.add_argument("--attentions", default=None, metavar="A,B,...",
                     help="run every mode once per kernel, the first the baseline (overrides --attention)")
+    ap.add_argument("--linears", default="bf16", metavar="bf16,fp8",
+                    help="run every mode once per block-linears choice (crossed with --attentions), the first the "
+                         "baseline")
+    ap.add_argument("--pairs", default=None, metavar="KERNEL/LINEARS,...",
+                    help="explicit (self-attention kernel, linears) pairs, e.g. fa3/bf16,fa3/fp8,fa3_fp8/fp8 "
+                         "(overrides --attentions and --linears)")
     ap.add_argument("--no-per-node", action="store_true", help="skip each mode's probed (per-node) session")
     ap.add_argument("--decoder", choices=["taehv", "wan_vae"], default="taehv")
     ap.add_argument("--rolling", choices=["graph", "true", "false"], default="graph",
@@ -292,6 +301,26 @@ def attention_list(args) -> list[str]:
     return kernels
 
 
+LINEARS = ("bf16", "fp8")  # nodes/wan_causal_dit.py LINEARS
+
+
+def path_pairs(args) -> list[tuple[str, str]]:
+    """The (self-attention kernel, linears) pairs to run, in order; the first is the baseline."""
+    if args.pairs:
+        pairs = []
+        for item in (p.strip() for p in args.pairs.split(",") if p.strip()):
+            att, _, lin = item.partition("/")
+            pairs.append((att, lin or "bf16"))
+    else:
+        lins = [x.strip() for x in args.linears.split(",") if x.strip()]
+        pairs = [(att, lin) for att in attention_list(args) for lin in lins]
+    bad = [f"{a}/{lin}" for a, lin in pairs if a not in ATTENTION or lin not in LINEARS]
+    if bad or not pairs:
+        raise SystemExit(f"--pairs/--linears: unknown {', '.join(bad) or '(none given)'}; kernels "
+                         f"{', '.join(ATTENTION)}, linears {', '.join(LINEARS)}")
+    return pairs
+
+
 def compare_kernels(report: dict, mode: str) -> None:
     """Each kernel's row of `mode` against the first kernel's (the baseline), into report['attention']."""
     rows = [(k, v) for k, v in report["attention"].items() if k.startswith(mode + "+") and k in report["modes"]]
@@ -346,20 +375,25 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     status = 0
-    kernels = attention_list(args)
-    runs = [(mode, att) for att in kernels for mode in [m.strip() for m in args.modes.split(",") if m.strip()]]
-    for mode, att in runs:
-        key = mode if len(kernels) == 1 else f"{mode}+{att}"
+    pairs = path_pairs(args)
+    vary_att, vary_lin = len({a for a, _ in pairs}) > 1, len({lin for _, lin in pairs}) > 1
+    runs = [(mode, att, lin) for att, lin in pairs
+            for mode in [m.strip() for m in args.modes.split(",") if m.strip()]]
+    for mode, att, lin in runs:
+        key = mode + (f"+{att}" if vary_att else "") + (f"+{lin}" if vary_lin else "")
         blocks = args.eager_blocks if mode == "eager" else args.blocks
         try:
             path = dit_node.set_attention(att)
+            # the bf16 layers are kept aside while in fp8, so a later pair can come back to them
+            linears = dit_node.set_linears(lin, keep=True)
         except ValueError as exc:
             report.setdefault("errors", {})[key] = str(exc)
             say(f"{key}: skipped: {exc}")
             status = 1
             continue
-        report.setdefault("attention", {})[key] = {"asked": att, "path": path}
-        say(f"--- {key}: {args.warmup} warm-up + {blocks} measured blocks; self-attention {path} (asked {att})")
+        report.setdefault("attention", {})[key] = {"asked": att, "path": path, "linears": linears}
+        say(f"--- {key}: {args.warmup} warm-up + {blocks} measured blocks; self-attention {path} (asked {att}), "
+            f"linears {linears}")
         t = time.perf_counter()
         try:
             r = run_bench(engine, [mode], blocks=blocks, warmup=args.warmup, progress=say,
@@ -381,7 +415,7 @@ def main() -> int:
         if args.lora_swap:
             report["extra"][key]["lora_swap"] = lora_swap(engine, dit, args.warmup)
         report["extra"][key]["dit_region_compiles"] = dit_node.region_compiles
-        if len(kernels) > 1:
+        if len(pairs) > 1:
             compare_kernels(report, mode)
         for k in ("schema", "device", "dtype", "frames_per_block"):
             report[k] = r.get(k)
@@ -394,7 +428,7 @@ def main() -> int:
         say(f"ratio {k}: {v:.2f}x (block p50)")
     for k, v in report.get("attention", {}).items():
         if "fps" in v:
-            say(f"attention {k}: {v['path']}: {v['fps']:.1f} frames/s, block p50 {v['block_ms_p50']:.1f} ms, "
+            say(f"attention {k}: {v['path']}, linears {v.get('linears', 'bf16')}: {v['fps']:.1f} frames/s, block p50 {v['block_ms_p50']:.1f} ms, "
                 f"{v['speedup']:.3f}x the baseline {v['baseline']}")
     out.write_text(json.dumps(report, indent=2))
     say("done" if status == 0 else "done, with errors")

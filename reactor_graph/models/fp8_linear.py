@@ -144,7 +144,7 @@ class Fp8Linear(nn.Module):
     """A linear layer on e4m3 weights with per-output-channel scales; input an `Fp8Act` or a tensor."""
 
     def __init__(self, weight8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype = torch.bfloat16):
+                 out_dtype: torch.dtype = torch.bfloat16, fast_accum: bool = False):
         super().__init__()
         n, k = weight8.shape
         if weight8.dtype != FP8 or weight_scale.shape != (1, n):
@@ -152,6 +152,9 @@ class Fp8Linear(nn.Module):
                              f"{list(weight8.shape)} and {list(weight_scale.shape)}")
         self.in_features, self.out_features = k, n
         self.out_dtype = out_dtype
+        # Hopper's FP8 MMA accumulates in reduced precision unless the sum is promoted to float32 now and then;
+        # fast_accum skips the promotion (faster, less exact over K = 8960): off unless measured to pay
+        self.fast_accum = fast_accum
         self.weight8 = nn.Parameter(weight8, requires_grad=False)
         self.weight_scale = nn.Parameter(weight_scale.float(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(out_dtype), requires_grad=False)
@@ -182,7 +185,8 @@ class Fp8Linear(nn.Module):
         if a8.is_cuda:
             in_mm = b is not None and self.bias_in_mm
             y = torch._scaled_mm(a8, self.weight8.t(), scale_a=sa, scale_b=self.weight_scale,
-                                 bias=b if in_mm else None, out_dtype=self.out_dtype)
+                                 bias=b if in_mm else None, out_dtype=self.out_dtype,
+                                 use_fast_accum=self.fast_accum)
             if b is not None and not in_mm:
                 y = y + b
         else:

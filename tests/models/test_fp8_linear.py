@@ -183,7 +183,8 @@ def test_gpu_scaled_mm_matches_the_reference(bias):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_CUDA, reason="needs CUDA")
-def test_gpu_fp8_block_is_captured_and_compiles_with_inductor():
+def test_gpu_fp8_dit_is_captured_in_a_cuda_graph():
+    """(inductor over the FP8 regions: bench/gpu/fp8_linears.sh's engine bench compiles them)"""
     if fl.fp8_matmul_unavailable("cuda"):
         pytest.skip(fl.fp8_matmul_unavailable("cuda"))
     cfg = WanConfig(dim=256, ffn_dim=896, num_heads=2, num_layers=2, text_dim=64, text_len=16, freq_dim=32)
@@ -213,6 +214,3 @@ def test_gpu_fp8_block_is_captured_and_compiles_with_inductor():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
-        torch._dynamo.reset()
-        compiled = torch.compile(model.forward, backend="inductor", fullgraph=True)
-        assert rel(compiled(x, t, ctx), eager) < 0.01

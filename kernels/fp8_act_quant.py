@@ -20,7 +20,9 @@ and the reference otherwise.
 
 Quantisation (shared exactly by kernels and references)
     Per row (one token): amax = max |h| over the row (at least 1e-12, so a zero row gets a finite scale),
-    q = e4m3(clamp(h * (448 / amax), -448, 448)) rounded to nearest even, scale = amax / 448 (float32 [rows, 1]).
+    q = e4m3(clamp(h * (448 / amax), -448, 448)) rounded to nearest even, scale = amax / 448 (float32 [rows, 1]);
+    448 / amax is the correctly rounded float32 quotient on every path (`div_rn` in the kernels), so a product
+    that lands on an e4m3 tie -- frequent with bf16 inputs -- rounds the same way in kernel and reference.
     h ~= q * scale: the layout `torch._scaled_mm` takes as scale_a for row-wise scaling. The clamp keeps the
     product's float rounding (448 / amax is not exact) from reaching e4m3fn's NaN past 464.
 
@@ -151,7 +153,7 @@ def _norm_quant_kernel(
         h = h * (1.0 + sc.to(tl.float32)) + sh.to(tl.float32)
     h = tl.where(mask, h, 0.0)
     amax = tl.maximum(tl.reduce(tl.abs(h), 0, _max), 1e-12)
-    _store_e4m3(q_ptr + row.to(tl.int64) * D + cols, h, 448.0 / amax, mask, EMULATE)
+    _store_e4m3(q_ptr + row.to(tl.int64) * D + cols, h, tl.math.div_rn(448.0, amax), mask, EMULATE)
     tl.store(s_ptr + row, amax / 448.0)
 
 
@@ -160,14 +162,15 @@ def _act_quant_kernel(
     y_ptr, bias_ptr, q_ptr, s_ptr,
     N, sy_m, sy_n,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, EMULATE: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNKS: tl.constexpr,
 ):
     # one program per row; two passes over column chunks (amax, then quantise) so any width fits
     row = tl.program_id(0)
     y_row = y_ptr + row.to(tl.int64) * sy_m
     q_row = q_ptr + row.to(tl.int64) * N
     run = tl.full([BLOCK_N], 0.0, tl.float32)
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+    for c in range(CHUNKS):  # a constexpr trip count (Triton 3.6's interpreter cannot loop to a runtime N)
+        cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = cols < N
         v = tl.load(y_row + cols * sy_n, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -176,9 +179,9 @@ def _act_quant_kernel(
             v = _gelu_tanh(v)
         run = tl.maximum(run, tl.where(mask, tl.abs(v), 0.0))
     amax = tl.maximum(tl.reduce(run, 0, _max), 1e-12)
-    inv = 448.0 / amax
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+    inv = tl.math.div_rn(448.0, amax)
+    for c in range(CHUNKS):
+        cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = cols < N
         v = tl.load(y_row + cols * sy_n, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -252,7 +255,8 @@ def _act_quant_triton(y, bias, gelu: bool, emulate: bool | None = None, block_n:
     with _device_guard(y):
         _act_quant_kernel[(y2.shape[0],)](
             y2, bias if bias is not None else y2, q, s, n, *y2.stride(),
-            HAS_BIAS=bias is not None, GELU=gelu, EMULATE=emulate, BLOCK_N=block, num_warps=4)
+            HAS_BIAS=bias is not None, GELU=gelu, EMULATE=emulate, BLOCK_N=block, CHUNKS=-(-n // block),
+            num_warps=4)
     return (q.to(FP8) if emulate else q), s
 
 
@@ -263,7 +267,10 @@ def quantize_rows_reference(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """h [..., K] (any float dtype) -> (e4m3 [..., K], float32 scale [..., 1]) with h ~= q * scale."""
     h = h.float()
     amax = h.abs().amax(dim=-1, keepdim=True).clamp_min(AMAX_FLOOR)
-    q = (h * (FP8_MAX / amax)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    # a tensor numerator: `448 / amax` with a Python float is reciprocal(amax) * 448 in torch, 1 ulp off at times,
+    # which moves values sitting on an e4m3 tie (common for bf16 inputs) to the other side
+    inv = torch.full_like(amax, FP8_MAX) / amax
+    q = (h * inv).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, amax / FP8_MAX
 
 

@@ -227,7 +227,8 @@ def main() -> int:
                     r["psnr_db"].append(psnr(free.decode(x_free), f_ref))
             say(f"block {i + 1}/{args.blocks} ({phase.name}): " + "; ".join(
                 f"{p} free {report['paths'][p]['free_rel_l2'][-1]:.4f}"
-                + (f" forced {report['paths'][p]['forced_rel_l2'][-1]:.4f}" if report['paths'][p]['forced_rel_l2'] else "")
+                + (f" forced {report['paths'][p]['forced_rel_l2'][-1]:.4f}"
+                   if report['paths'][p]['forced_rel_l2'] else "")
                 + (f" psnr {report['paths'][p]['psnr_db'][-1]:.1f} dB" if report['paths'][p]['psnr_db'] else "")
                 for p, _, _ in streams))
             out.write_text(json.dumps(report, indent=2))  # a run cut short keeps the blocks it measured

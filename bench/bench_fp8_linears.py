@@ -218,7 +218,8 @@ def main() -> int:
         rep[key]["speedup_vs_bf16"] = base / rep[key]["total"]
     rep["block_estimate_ms"] = {"bf16": base * args.calls, "fp8": rep["fp8"]["total"] * args.calls,
                                 "fp8_fast_accum": rep["fp8_fast_accum"]["total"] * args.calls}
-    say(f"per layer: bf16 {base:.3f} ms ({'linears + inductor norms' if 'total_with_norms' in rep['bf16'] else 'linears'})"
+    what = "linears + inductor norms" if "total_with_norms" in rep["bf16"] else "linears"
+    say(f"per layer: bf16 {base:.3f} ms ({what})"
         f", fp8 {rep['fp8']['total']:.3f} ms incl. quantisation ({rep['fp8']['speedup_vs_bf16']:.2f}x), fast accum "
         f"{rep['fp8_fast_accum']['total']:.3f} ms; x{args.calls} a block: " + ", ".join(
             f"{k} {v:.1f} ms" for k, v in rep["block_estimate_ms"].items()))

@@ -428,7 +428,8 @@ def main() -> int:
         say(f"ratio {k}: {v:.2f}x (block p50)")
     for k, v in report.get("attention", {}).items():
         if "fps" in v:
-            say(f"attention {k}: {v['path']}, linears {v.get('linears', 'bf16')}: {v['fps']:.1f} frames/s, block p50 {v['block_ms_p50']:.1f} ms, "
+            say(f"attention {k}: {v['path']}, linears {v.get('linears', 'bf16')}: {v['fps']:.1f} frames/s, "
+                f"block p50 {v['block_ms_p50']:.1f} ms, "
                 f"{v['speedup']:.3f}x the baseline {v['baseline']}")
     out.write_text(json.dumps(report, indent=2))
     say("done" if status == 0 else "done, with errors")

@@ -277,7 +277,8 @@ def quantize_rows_reference(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def _modulate_reference(h, shift, scale, frames: int):
     b, n, d = h.shape
     shift, scale = _frame_view(shift, b, frames, d), _frame_view(scale, b, frames, d)
-    return (h.view(b, frames, n // frames, d) * (1 + scale[:, :, None].float()) + shift[:, :, None].float()).view(b, n, d)
+    h = h.view(b, frames, n // frames, d) * (1 + scale[:, :, None].float()) + shift[:, :, None].float()
+    return h.view(b, n, d)
 
 
 def norm_quant_reference(x, weight=None, bias=None, shift=None, scale=None, frames: int = 1, eps: float = 1e-6):

@@ -10,9 +10,10 @@ Architecture
     the output head run in float32; the linear layers and attention run in the parameter dtype (bf16 in
     production). Optionally the blocks' linears run in FP8 (`fp8_linear.convert_linears_`): a layer that is an
     `Fp8Linear` gets its input as e4m3 rows + scales from the kernel that makes it (`_norm_modulate`, `_norm`,
-    the FFN's bias + GELU), so no separate quantisation pass reads the activation again. RoPE is Wan's 3D rotary embedding on adjacent channel pairs, the head_dim split into
-    (frame, height, width) bands of d - 4*(d//6), 2*(d//6), 2*(d//6) channels; the angles are evaluated in
-    float64 once, when the tables are built, and applied in float32 (Wan applies them in float64).
+    the FFN's bias + GELU), so no separate quantisation pass reads the activation again. RoPE is Wan's 3D
+    rotary embedding on adjacent channel pairs, the head_dim split into (frame, height, width) bands of
+    d - 4*(d//6), 2*(d//6), 2*(d//6) channels; the angles are evaluated in float64 once, when the tables are
+    built, and applied in float32 (Wan applies them in float64).
 
 Latent layout
     Latents are [B, C, F, H, W] (Wan's own layout; Self-Forcing's wrapper uses [B, F, C, H, W]). Tokens are

@@ -264,8 +264,8 @@ def test_kernels_compile_for_sm90_with_vector_loads_and_no_spills():
     for emulate in (False, True):
         if emulate:
             act = {**act, "q_ptr": "*fp32"}
-        code = ptx(aq._act_quant_kernel, act, {"HAS_BIAS": True, "GELU": True, "EMULATE": emulate, "BLOCK_N": 1024,
-                                               "CHUNKS": 9, "sy_n": 1}, 4, ["y_ptr", "bias_ptr", "q_ptr", "s_ptr", "N", "sy_m"])
+        consts = {"HAS_BIAS": True, "GELU": True, "EMULATE": emulate, "BLOCK_N": 1024, "CHUNKS": 9, "sy_n": 1}
+        code = ptx(aq._act_quant_kernel, act, consts, 4, ["y_ptr", "bias_ptr", "q_ptr", "s_ptr", "N", "sy_m"])
         assert ".local" not in code and "ld.global.v4" in code
         assert ("cvt.rn.satfinite.e4m3x2.f32" in code) != emulate
         assert re.search(r"ex2\.approx", code)  # the GELU's exp

@@ -25,7 +25,7 @@ Values beyond 448 (scaled) saturate to +-448 (the cast of an out-of-range value 
 Where the output is not an e4m3 tensor (float32 or bf16, for Triton's interpreter, whose float8 cast is not
 trustworthy) the kernel rounds to e4m3 in float arithmetic and stores those e4m3 values in the wider dtype.
 
-Only Triton builtins present in Triton 3.0+ (so in 3.6): program_id, arange, masked load/store, max, abs,
+Only Triton builtins present in Triton 3.0+ (so in 3.6): program_id, arange, full, masked load/store, reduce, abs,
 minimum/maximum, where, bitcasts through `.to(..., bitcast=True)`, integer shifts.
 """
 from __future__ import annotations
@@ -64,6 +64,11 @@ _BLOCK_L = 64  # tokens per program: 64 x 128 channels = 8192 elements
 
 
 @triton.jit
+def _max2(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
 def _amax_kernel(x_ptr, part_ptr, L, H, sxb, sxl, sxh, n_chunks,
                  D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """part[b*H + h, c] = max |x[b, c*BLOCK_L : (c+1)*BLOCK_L, h, :]|."""
@@ -76,7 +81,9 @@ def _amax_kernel(x_ptr, part_ptr, L, H, sxb, sxl, sxh, n_chunks,
     mask = (rows[:, None] < L) & (cols[None, :] < D)
     ptr = x_ptr + b * sxb + h * sxh + rows[:, None].to(tl.int64) * sxl + cols[None, :]
     x = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    m = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    # tl.reduce with a combine of this module rather than tl.max (a jit function of triton.language, which a copy
+    # of this module imported under TRITON_INTERPRET=1 in an otherwise compiled process cannot call)
+    m = tl.reduce(tl.reduce(tl.abs(x), 1, _max2), 0, _max2)
     tl.store(part_ptr + bh.to(tl.int64) * n_chunks + c, m)
 
 
@@ -89,10 +96,10 @@ def _descale_kernel(part_ptr, old_ptr, out_ptr, n_chunks, G,
     first = (i // G).to(tl.int64) * G * n_chunks
     n = G * n_chunks
     offs = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.full([BLOCK], 0.0, tl.float32)
     for s in range(0, n, BLOCK):
         acc = tl.maximum(acc, tl.load(part_ptr + first + s + offs, mask=s + offs < n, other=0.0))
-    amax = tl.max(acc, axis=0)
+    amax = tl.reduce(acc, 0, _max2)
     # amax = (1 + m) 2^ea; 448 = 1.75 * 2^8, so amax / 448 <= 2^(ea - 8) exactly when its mantissa is <= 0.75
     bits = amax.to(tl.int32, bitcast=True)
     ea = ((bits >> 23) & 0xFF) - 127
@@ -131,8 +138,8 @@ def _quant_kernel(x_ptr, out_ptr, descale_ptr, old_ptr, L, H, sxb, sxl, sxh, sob
     cols = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < L) & (cols[None, :] < D)
     if HAS_OLD:
-        changed = tl.load(old_ptr + bh) != d
-        mask = mask & ((rows[:, None] >= always_from) | changed)
+        changed = (tl.load(old_ptr + bh) != d).to(tl.int32)
+        mask = mask & (rows[:, None] + changed * L >= always_from)  # always_from <= L: every row if changed
     r64 = rows[:, None].to(tl.int64)
     x = tl.load(x_ptr + b * sxb + h * sxh + r64 * sxl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     scale = ((254 << 23) - d.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)  # 1 / d, exactly

@@ -110,13 +110,18 @@ def test_a_write_at_slot_0_sets_the_scale_afresh_and_later_writes_only_grow_it()
 def test_scale_growth_requantises_the_grown_heads_earlier_slots_and_nothing_else():
     cfg = dataclasses.replace(WanConfig.tiny(), num_layers=1, dim=64, num_heads=4)
     cache = KVCache(cfg, batch_size=1, latent_hw=HW, max_frames=MAX_FRAMES, frames_per_block=F_BLOCK)
-    fp8 = Fp8KVCache(cache)
+    cache.fp8 = fp8 = Fp8KVCache(cache)
     n = cache.block_tokens
     g = torch.Generator().manual_seed(0)
-    cache.kv[0, :, :, :n] = torch.randn(2, 1, n, 4, 16, generator=g)
+
+    def unit_heads():  # every head's amax exactly 1: only the head made larger may change scale
+        x = torch.randn(2, 1, n, 4, 16, generator=g)
+        return x / x.abs().amax(dim=(2, 4), keepdim=True)
+
+    cache.kv[0, :, :, :n] = unit_heads()
     fp8.write_(0, 0, n)
     before_d, before = fp8.descale.clone(), fp8.kv8.clone()
-    block = torch.randn(2, 1, n, 4, 16, generator=g)
+    block = unit_heads()
     block[0, :, :, 1] *= 100.0  # head 1 of the keys: 100x the earlier amax
     cache.kv[0, :, :, n:2 * n] = block
     fp8.write_(0, n, 2 * n)
@@ -139,7 +144,7 @@ def test_scale_growth_requantises_the_grown_heads_earlier_slots_and_nothing_else
 def test_a_denoising_pass_stages_the_blocks_own_kv_saturating_and_leaves_the_rest():
     cfg = dataclasses.replace(WanConfig.tiny(), num_layers=1, dim=64, num_heads=4)
     cache = KVCache(cfg, batch_size=1, latent_hw=HW, max_frames=MAX_FRAMES, frames_per_block=F_BLOCK)
-    fp8 = Fp8KVCache(cache)
+    cache.fp8 = fp8 = Fp8KVCache(cache)
     n = cache.block_tokens
     g = torch.Generator().manual_seed(1)
     cache.kv[0, :, :, :n] = torch.randn(2, 1, n, 4, 16, generator=g)
@@ -200,21 +205,25 @@ def test_switching_kernels_mid_stream_refreshes_the_copy():
 
 def test_attention_on_the_copy_stays_close_to_float_sdpa():
     cfg = dataclasses.replace(WanConfig.tiny(), num_layers=1, dim=4 * 64, num_heads=4)
-    cache = KVCache(cfg, batch_size=1, latent_hw=(8, 8), max_frames=MAX_FRAMES, frames_per_block=F_BLOCK)
+    cache = KVCache(cfg, batch_size=1, latent_hw=(8, 8), max_frames=MAX_FRAMES, frames_per_block=F_BLOCK,
+                    dtype=torch.float32)
     g = torch.Generator().manual_seed(2)
     end = cache.max_tokens
-    # heads an order of magnitude apart, as per-head scales are for
-    hs = torch.tensor([0.3, 1.0, 3.0, 10.0])[None, None, :, None]
+    # values of heads two orders of magnitude apart, as per-head scales are for; keys within a factor 4 (logits
+    # of a few units, not one-hot softmaxes)
+    hs = torch.tensor([[0.5, 1.0, 1.0, 2.0], [0.1, 1.0, 3.0, 10.0]])[:, None, None, :, None]
     cache.kv[0] = torch.randn(2, 1, end, 4, 64, generator=g) * hs
-    fp8 = Fp8KVCache(cache)
+    cache.fp8 = fp8 = Fp8KVCache(cache)
     fp8.write_(0, 0, end)
-    q = torch.randn(1, cache.block_tokens, 4, 64, generator=g) * hs
+    q = torch.randn(1, cache.block_tokens, 4, 64, generator=g)
     ref = A.sdpa_attention(q, cache.kv[0, 0], cache.kv[0, 1])
     got = A.Fp8ReferenceAttention().attend_cache(q, fp8, 0, end)
     rel = _rel(got, ref)
-    assert 1e-4 < rel < 0.05, rel  # a real quantisation, within FP8's few percent
+    # a real quantisation, within FP8's few percent (random q/k/v over 432 keys measured 6.4% here, the per-call
+    # version 6.1%: averaging random values shrinks the output faster than the rounding errors)
+    assert 1e-3 < rel < 0.1, rel
     # no worse than quantising everything per call (the first version)
-    assert rel < 1.5 * _rel(A.fp8_reference_attention(q, cache.kv[0, 0], cache.kv[0, 1]), ref) + 1e-3
+    assert rel < 1.25 * _rel(A.fp8_reference_attention(q, cache.kv[0, 0], cache.kv[0, 1]), ref)
 
 
 def test_the_stream_on_the_copy_tracks_sdpa_and_the_per_call_version():
@@ -301,7 +310,7 @@ def test_fa3_on_the_copy_matches_its_torch_reference_on_self_forcing_shapes():
                     dtype=torch.bfloat16, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     cache.kv[0] = torch.randn(cache.kv[0].shape, device="cuda", dtype=torch.bfloat16, generator=g)
-    fp8 = Fp8KVCache(cache)
+    cache.fp8 = fp8 = Fp8KVCache(cache)
     start = 18 * tpf
     fp8.write_(0, 0, start)
     q, k, v = (torch.randn(1, 3 * tpf, h, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))

@@ -38,7 +38,7 @@ def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="JSON report path")
     ap.add_argument("--paths", default="fa3,fa3_fp8", help="kernels to compare with the reference; fp8_ref: the "
-                    "torch reference of FP8 attention (dequantised q/k/v through SDPA), any device")
+                    "torch reference of FP8 attention (fa3_fp8's e4m3 inputs, dequantised, through SDPA), any device")
     ap.add_argument("--ref", default="sdpa", help="reference kernel (sdpa or an SDPA backend: cudnn, flash, math)")
     ap.add_argument("--blocks", type=int, default=30)
     ap.add_argument("--time-blocks", type=int, default=10, help="replays of the captured rolling block (0: none)")
@@ -84,6 +84,8 @@ class Stream:
         for a, b in ((self.cache.kv, other.cache.kv), (self.cache.latents, other.cache.latents),
                      (self.cache.cross, other.cache.cross), (self.cache.frame_offset, other.cache.frame_offset)):
             a.copy_(b)
+        if self.cache.fp8 is not None:  # an FP8 kernel's e4m3 copy of the cache: quantised afresh from it
+            self.cache.fp8.refresh_()
 
     def decode(self, x0):
         if self.decoder is None:
@@ -133,7 +135,7 @@ def main() -> int:
     args = parse()
     import torch
 
-    from reactor_graph.models.attention import (fa3_unavailable, fp8_reference_attention, make_attention,
+    from reactor_graph.models.attention import (Fp8ReferenceAttention, fa3_unavailable, make_attention,
                                                  resolve_attention)
     from reactor_graph.models.taehv import TAEHVDecoder
     from reactor_graph.models.wan_dit import WanConfig, WanDiT, init_random_
@@ -173,8 +175,7 @@ def main() -> int:
             report["errors"][p] = str(exc)
             say(f"{p}: skipped: {exc}")
             continue
-        attn = make_attention(path, args.fp8_scale) if path != "fp8_ref" else (
-            lambda q, k, v: fp8_reference_attention(q, k, v, args.fp8_scale))
+        attn = make_attention(path, args.fp8_scale) if path != "fp8_ref" else Fp8ReferenceAttention(args.fp8_scale)
         streams.append((p, Stream(f"{p} free", path, attn, model, cfg, args, dtype, decoder),
                         Stream(f"{p} forced", path, attn, model, cfg, args, dtype, None)))
         report["paths"][p] = {"path": path, "free_rel_l2": [], "forced_rel_l2": [], "psnr_db": []}

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Issue 22 on one H200, one call, ~4 min wall (<= 4.8 min by its timeouts): fa3_fp8 with the e4m3 copy of the KV
 # cache (models/fp8_kv_cache.py, kernels/fp8_head_quant.py) against fa3 bf16.
-# kernels/fp8_head_quant.py) against fa3 bf16.
 #   1. GPU tests: the Triton quantisation kernels with a real e4m3 cast vs their torch reference (bit for bit), the
 #      e4m3 cache copy in a stream (exact vs the bf16 cache), FA3 on it vs its reference, CUDA-graph capture;
 #      test_attention.py's GPU tests (FA3 bf16/FP8 vs SDPA, capture, Dynamo)                       <= 50 s

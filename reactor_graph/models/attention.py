@@ -9,10 +9,14 @@ Choices (the `attention` param of the `wan_causal_dit` node)
     cudnn, flash, efficient, math   SDPA restricted to that backend (the node enters `sdpa_kernel`)
     fa3                     FlashAttention-3 forward (the optional `fa3_fwd` wheel: `pip install
                             'reactor-graph[fa3]'`), bf16, Hopper (sm90) only; exact as SDPA is
-    fa3_fp8                 FA3 on FP8 e4m3 q/k/v with per-head scales computed on the device (below)
+    fa3_fp8                 FA3 on FP8 e4m3 q/k/v with per-head scales computed on the device; in the DiT its k/v
+                            are read from an e4m3 copy of the KV cache (models/fp8_kv_cache.py: earlier blocks
+                            quantised once, when written; each pass only the block's own k/v) and q is quantised
+                            per call by a fused kernel (kernels/fp8_head_quant.py, power-of-two scales)
     auto                    sdpa for now (AUTO_TAKES_FA3); later fa3 where it can run (fa3_fwd, sm90)
 
-FP8 quantisation (`quantize_fp8`)
+FP8 quantisation per call (`quantize_fp8`: the first version, what `Fa3Fp8Attention` does on plain q/k/v and
+`fp8_reference_attention` models; the DiT path uses the fused kernel and the cache copy above)
     Per (batch, head) -- FA3's descale granularity, q_descale/k_descale/v_descale are [B, H_k] float32 -- or per
     tensor: amax = max |x| over the tokens and channels, scale = 448 / amax (e4m3's largest finite value is 448),
     x8 = e4m3(x * scale), descale = 1 / scale; the kernel multiplies q.k by q_descale * k_descale and the

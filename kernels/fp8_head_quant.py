@@ -312,7 +312,8 @@ def descales_from_partials(part: torch.Tensor, heads: int, per: str = "head", he
 def quantize_into(x: torch.Tensor, out: torch.Tensor, descale: torch.Tensor, old: torch.Tensor | None = None,
                   always_from: int = 0) -> torch.Tensor:
     """Quantise x [B, L, H, D] (any strides, unit channel stride) into `out` (same shape, e4m3 or a wider float
-    holding e4m3 values; any strides) with descale [B, H] float32 contiguous. With old [B, H]: rows < always_from
+    holding e4m3 values; any strides) with descale [B, H] float32 contiguous, powers of two (what
+    `descales_from_partials` gives: the kernel inverts them exactly by their bits). With old [B, H]: rows < always_from
     are written only for heads whose descale differs from old (re-scaling a cache whose scale grew). One launch,
     no allocation (capture-friendly)."""
     if backend_for(x) == "torch":

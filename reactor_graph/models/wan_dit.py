@@ -27,7 +27,8 @@ The cache (`KVCache`)
     One buffer `kv` of shape [layers, 2, B, max_tokens, heads, head_dim] (keys at [:, 0], values at [:, 1])
     for `max_frames` latent frames, allocated once; it is only ever updated in place (slice `copy_`), so its
     address never changes. [B, T, heads, head_dim] is the layout `Linear` produces and the layout flash
-    attention wants; the attention call gets `transpose(1, 2)` views of it and no copy is made.
+    attention wants; the attention call gets `transpose(1, 2)` views of it and no copy is made. An FP8 kernel
+    (`attention: fa3_fp8`) reads an e4m3 copy beside it instead (`KVCache.fp8`, models/fp8_kv_cache.py).
 
 Phases
     Every shape and offset in a block's forward is a Python int fixed by the block's *phase*, so each phase
@@ -464,7 +465,8 @@ class WanDiT(nn.Module):
         ckv = self.cross_kv(context) if context is not None else None
         stage = write_kv or cache.stage_kv
         # an FP8 kernel reads the cache's e4m3 copy (models/fp8_kv_cache.py): the write pass updates it from the
-        # bf16 cache, a denoising pass stages the block's own k/v in it only
+        # bf16 cache, a denoising pass stages the block's own k/v in the copy only (stage_kv or not: nothing reads
+        # the slot before the write pass rewrites it)
         fp8 = cache.fp8_for(self.attn, written=write_kv)
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):

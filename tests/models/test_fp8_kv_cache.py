@@ -295,10 +295,26 @@ def test_fa3_fp8_stream_keeps_the_copy_exact_and_tracks_sdpa_on_the_gpu():
         assert fast.cache.fp8.kv8.dtype == torch.float8_e4m3fn
         _assert_copy_is_the_quantised_cache(fast.cache, _valid(fast.cache, phase))
 
+    _, per_call = _gen(A.Fa3Fp8Attention(), **kw)
+    per_call.model.attn = _PerCall(per_call.model.attn)  # the first version: everything quantised per call
     a = _stream(ref, ctx, noise, recache_at=(5,))
     b = _stream(fast, ctx, noise, recache_at=(5,), check=check)
+    c = _stream(per_call, ctx, noise, recache_at=(5,))
+    assert per_call.cache.fp8 is None
     rel = [_rel(y, x) for x, y in zip(a, b)]
-    assert all(r < 0.05 for r in rel), rel
+    rel_pc = [_rel(y, x) for x, y in zip(a, c)]
+    assert all(r < 0.1 for r in rel), rel  # a wrong scale is off by ~100%
+    assert max(rel) < 1.5 * max(rel_pc) + 0.005, (rel, rel_pc)
+
+
+class _PerCall:
+    """fa3_fp8's per-call path (it does not read the cache copy)."""
+
+    def __init__(self, attn):
+        self.attn = attn
+
+    def __call__(self, q, k, v):
+        return self.attn(q, k, v)
 
 
 @pytest.mark.gpu

@@ -44,8 +44,8 @@ def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="JSON report path")
     ap.add_argument("--paths", default="fa3,fa3_fp8", help="kernels to compare with the reference; fp8_ref: the "
-                    "torch reference of FP8 attention (dequantised q/k/v through SDPA), any device; KERNEL+fp8: "
-                    "that kernel with the block linears in FP8")
+                    "torch reference of FP8 attention (fa3_fp8's e4m3 inputs, dequantised, through SDPA), any device; "
+                    "KERNEL+fp8: that kernel with the block linears in FP8")
     ap.add_argument("--no-forced", action="store_true", help="skip the forced streams (the one-block errors)")
     ap.add_argument("--ref", default="sdpa", help="reference kernel (sdpa or an SDPA backend: cudnn, flash, math)")
     ap.add_argument("--blocks", type=int, default=30)
@@ -92,6 +92,8 @@ class Stream:
         for a, b in ((self.cache.kv, other.cache.kv), (self.cache.latents, other.cache.latents),
                      (self.cache.cross, other.cache.cross), (self.cache.frame_offset, other.cache.frame_offset)):
             a.copy_(b)
+        if self.cache.fp8 is not None:  # an FP8 kernel's e4m3 copy of the cache: quantised afresh from it
+            self.cache.fp8.refresh_()
 
     def decode(self, x0):
         if self.decoder is None:
@@ -141,7 +143,7 @@ def main() -> int:
     args = parse()
     import torch
 
-    from reactor_graph.models.attention import (fa3_unavailable, fp8_reference_attention, make_attention,
+    from reactor_graph.models.attention import (Fp8ReferenceAttention, fa3_unavailable, make_attention,
                                                  resolve_attention)
     from reactor_graph.models.fp8_linear import convert_linears_, fp8_matmul_unavailable
     from reactor_graph.models.taehv import TAEHVDecoder
@@ -189,8 +191,7 @@ def main() -> int:
             report["errors"][p] = str(exc)
             say(f"{p}: skipped: {exc}")
             continue
-        attn = make_attention(path, args.fp8_scale) if path != "fp8_ref" else (
-            lambda q, k, v: fp8_reference_attention(q, k, v, args.fp8_scale))
+        attn = make_attention(path, args.fp8_scale) if path != "fp8_ref" else Fp8ReferenceAttention(args.fp8_scale)
         if linears == "fp8" and fp8_model is None:
             fp8_model = copy.deepcopy(model)
             convert_linears_(fp8_model)

@@ -45,7 +45,9 @@ Attention
     `attention` picks the self-attention kernel over the cache (reactor_graph/models/attention.py): `auto` (the
     default) takes FlashAttention-3 (bf16, as exact as SDPA, faster on these shapes) where the optional `fa3_fwd`
     wheel imports and the GPU is a Hopper (sm90), else PyTorch's SDPA (cuDNN's kernel on Hopper); `fa3_fp8` runs
-    FA3 on e4m3 q/k/v whose per-head scales are computed on the device inside the captured graph. Asking for
+    FA3 on e4m3 q/k/v whose per-head scales are computed on the device inside the captured graph; its keys/values
+    come from an e4m3 copy of the KV cache kept beside the bf16 one (models/fp8_kv_cache.py: earlier blocks are
+    quantised once, when written; each pass quantises only the block's own tokens and q). Asking for
     fa3/fa3_fp8 where FA3 cannot run fails the load (no silent fallback). The choice made is `attention_path`.
     Cross-attention (512 text tokens) stays on SDPA.
 
@@ -304,6 +306,7 @@ class WanCausalDiT(Node):
         self.cache = KVCache(cfg, batch_size=1, latent_hw=tuple(p.latent_size), max_frames=p.max_frames,
                              frames_per_block=p.frames_per_block, sink_frames=p.sink_frames, rolling=p.rolling,
                              dtype=dtype, device=device)
+        self._fp8_cache()
         schedule = FlowMatchSchedule(denoising_steps=self.timesteps, shift=p.shift, warp=p.warp)
         self.gen = BlockCausalWan(self.model, self.cache, schedule, context_noise=p.context_noise)
         # video-to-video (input bound): the same sampler over timesteps scaled by `strength`, its coefficients on
@@ -437,6 +440,8 @@ class WanCausalDiT(Node):
         path = resolve_attention(choice, self.device)
         self.model.attn = make_attention(path, self.params.fp8_scale)
         self.attention_path = path
+        if getattr(self, "cache", None) is not None:
+            self._fp8_cache()
         log.info("node %s: self-attention %s (asked: %s)", self.name, path, choice)
         return path
 
@@ -467,6 +472,14 @@ class WanCausalDiT(Node):
         self.linears_path = choice
         log.info("node %s: block linears %s", self.name, choice)
         return choice
+
+    def _fp8_cache(self) -> None:
+        """fa3_fp8 reads an e4m3 copy of the KV cache (models/fp8_kv_cache.py): made here, before anything is
+        compiled or captured; another kernel drops it (the roll would go on moving it)."""
+        if getattr(self.model.attn, "reads_fp8_cache", False):
+            self.cache.fp8_for(self.model.attn)
+        else:
+            self.cache.fp8 = None
 
     def _attention(self):
         from reactor_graph.models.attention import SDPA_BACKENDS

@@ -9,10 +9,14 @@ Choices (the `attention` param of the `wan_causal_dit` node)
     cudnn, flash, efficient, math   SDPA restricted to that backend (the node enters `sdpa_kernel`)
     fa3                     FlashAttention-3 forward (the optional `fa3_fwd` wheel: `pip install
                             'reactor-graph[fa3]'`), bf16, Hopper (sm90) only; exact as SDPA is
-    fa3_fp8                 FA3 on FP8 e4m3 q/k/v with per-head scales computed on the device (below)
+    fa3_fp8                 FA3 on FP8 e4m3 q/k/v with per-head scales computed on the device; in the DiT its k/v
+                            are read from an e4m3 copy of the KV cache (models/fp8_kv_cache.py: earlier blocks
+                            quantised once, when written; each pass only the block's own k/v) and q is quantised
+                            per call by a fused kernel (kernels/fp8_head_quant.py, power-of-two scales)
     auto                    sdpa for now (AUTO_TAKES_FA3); later fa3 where it can run (fa3_fwd, sm90)
 
-FP8 quantisation (`quantize_fp8`)
+FP8 quantisation per call (`quantize_fp8`: the first version, what `Fa3Fp8Attention` does on plain q/k/v and
+`fp8_reference_attention` models; the DiT path uses the fused kernel and the cache copy above)
     Per (batch, head) -- FA3's descale granularity, q_descale/k_descale/v_descale are [B, H_k] float32 -- or per
     tensor: amax = max |x| over the tokens and channels, scale = 448 / amax (e4m3's largest finite value is 448),
     x8 = e4m3(x * scale), descale = 1 / scale; the kernel multiplies q.k by q_descale * k_descale and the
@@ -32,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["CHOICES", "SDPA_BACKENDS", "FP8_MAX", "fa3_unavailable", "resolve_attention", "make_attention",
-           "sdpa_attention", "Fa3Attention", "Fa3Fp8Attention", "fp8_scales", "quantize_fp8", "dequantize_fp8",
-           "fp8_reference_attention"]
+           "sdpa_attention", "Fa3Attention", "Fa3Fp8Attention", "Fp8ReferenceAttention", "fp8_scales", "quantize_fp8",
+           "dequantize_fp8", "fp8_reference_attention"]
 
 CHOICES = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "fa3", "fa3_fp8")
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -140,9 +144,15 @@ class Fa3Attention:
 
 
 class Fa3Fp8Attention(Fa3Attention):
-    """FlashAttention-3 on e4m3 q/k/v quantised per head (or per tensor) on the device; bf16 out."""
+    """FlashAttention-3 on e4m3 q/k/v, bf16 out.
+
+    In the DiT (`attend_cache`) k/v come from the cache's e4m3 copy (models/fp8_kv_cache.py: the earlier blocks
+    quantised once, when written; the block's own k/v each pass) and q is quantised per call by the fused kernel
+    (kernels/fp8_head_quant.py: three launches, power-of-two scale per head). Called on plain (q, k, v) it
+    quantises all three per call with `quantize_fp8` (the first version, kept as a reference)."""
 
     name = "fa3_fp8"
+    reads_fp8_cache = True  # KVCache.fp8_for
 
     def __init__(self, per: str = "head"):
         super().__init__()
@@ -155,6 +165,38 @@ class Fa3Fp8Attention(Fa3Attention):
         k8, kd = quantize_fp8(k, self.per)
         v8, vd = quantize_fp8(v, self.per)
         return super().__call__(q8, k8, v8, qd, kd, vd).to(q.dtype)
+
+    def attend_cache(self, q, fp8, layer: int, end: int):
+        """q [B, L, H, D] against slots [0, end) of layer `layer` of the e4m3 cache copy `fp8` (Fp8KVCache)."""
+        from reactor_graph.kernels.fp8_head_quant import quantize
+
+        q8, qd = quantize(q, self.per)
+        k8, kd, v8, vd = fp8.keys_values(layer, end)
+        return Fa3Attention.__call__(self, q8, k8, v8, qd, kd, vd).to(q.dtype)
+
+
+class Fp8ReferenceAttention:
+    """What fa3_fp8 computes, in torch on any device: the same e4m3 inputs (q quantised per call as fa3_fp8 does
+    it, k/v from the cache's e4m3 copy), dequantised, through SDPA in float32. FA3 additionally rounds P to e4m3
+    before P.V, which this does not model. On plain (q, k, v): `fp8_reference_attention`."""
+
+    name = "fp8_ref"
+    reads_fp8_cache = True
+
+    def __init__(self, per: str = "head"):
+        if per not in ("head", "tensor"):
+            raise ValueError(f"fp8 scale granularity {per!r}: head or tensor")
+        self.per = per
+
+    def __call__(self, q, k, v):
+        return fp8_reference_attention(q, k, v, self.per)
+
+    def attend_cache(self, q, fp8, layer: int, end: int):
+        from reactor_graph.kernels.fp8_head_quant import quantize
+
+        q8, qd = quantize(q, self.per)
+        k, v = fp8.dequantized(layer, end)
+        return sdpa_attention(dequantize_fp8(q8, qd), k, v).to(q.dtype)
 
 
 # ------------------------------------------------------------------------------------- quantisation

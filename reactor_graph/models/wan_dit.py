@@ -30,7 +30,8 @@ The cache (`KVCache`)
     One buffer `kv` of shape [layers, 2, B, max_tokens, heads, head_dim] (keys at [:, 0], values at [:, 1])
     for `max_frames` latent frames, allocated once; it is only ever updated in place (slice `copy_`), so its
     address never changes. [B, T, heads, head_dim] is the layout `Linear` produces and the layout flash
-    attention wants; the attention call gets `transpose(1, 2)` views of it and no copy is made.
+    attention wants; the attention call gets `transpose(1, 2)` views of it and no copy is made. An FP8 kernel
+    (`attention: fa3_fp8`) reads an e4m3 copy beside it instead (`KVCache.fp8`, models/fp8_kv_cache.py).
 
 Phases
     Every shape and offset in a block's forward is a Python int fixed by the block's *phase*, so each phase
@@ -525,21 +526,33 @@ class WanDiT(nn.Module):
         e, e0 = self.time_embed(t, b, frames)
         ckv = self.cross_kv(context) if context is not None else None
         stage = write_kv or cache.stage_kv
+        # an FP8 kernel reads the cache's e4m3 copy (models/fp8_kv_cache.py): the write pass updates it from the
+        # bf16 cache, a denoising pass stages the block's own k/v in the copy only (stage_kv or not: nothing reads
+        # the slot before the write pass rewrites it)
+        fp8 = cache.fp8_for(self.attn, written=write_kv)
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             m = blk.mods(e0)
             q, k, v = blk.qkv(tok, m, frames, cos, sin)
             kc, vc = cache.kv[i, 0], cache.kv[i, 1]  # [B, T, H, D] views
-            if stage:
+            if write_kv or (stage and fp8 is None):
                 _stage(kc, vc, k, v, cache_start, end, keep_sink, cache.sink_frames * cache.tokens_per_frame)
+            if fp8 is not None:
+                if write_kv:
+                    fp8.write_(i, cache_start, end)
+                else:
+                    fp8.stage_(i, k, v, cache_start, end)
             if i == last and not return_output:
                 return None
-            if stage:
+            if fp8 is not None:
+                a = self.attn.attend_cache(q, fp8, i, end)
+            elif stage:
                 kk, vv = kc[:, :end], vc[:, :end]
             else:
                 kk = torch.cat([kc[:, :cache_start], k.to(kc.dtype)], dim=1)
                 vv = torch.cat([vc[:, :cache_start], v.to(vc.dtype)], dim=1)
-            a = self.attn(q, kk.to(q.dtype), vv.to(q.dtype))
+            if fp8 is None:
+                a = self.attn(q, kk.to(q.dtype), vv.to(q.dtype))
             if ckv is not None:
                 ck, cv = ckv[i]
             else:
@@ -621,6 +634,8 @@ class KVCache:
         self.latents = torch.zeros(batch_size, cfg.out_dim, max_frames, *latent_hw, dtype=dtype, device=device)
         self.cross = torch.zeros(L, 2, batch_size, cfg.text_len, H, D, dtype=dtype, device=device)
         self.frame_offset = torch.zeros((), dtype=torch.int64, device=device)
+        # the e4m3 copy of kv an FP8 attention kernel reads (models/fp8_kv_cache.py), made by `fp8_for`
+        self.fp8 = None
         # static pieces of the RoPE tables: the height/width bands, the slot numbers, which slots move
         bf = cfg.rope_bands[0]
         _, hw_cos, hw_sin = self._hw_rope(cfg, self.grid_hw)
@@ -657,7 +672,28 @@ class KVCache:
         return self.kv.device
 
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size() + self.cross.numel() * self.cross.element_size()
+        fp8 = self.fp8.nbytes() if self.fp8 is not None else 0
+        return self.kv.numel() * self.kv.element_size() + self.cross.numel() * self.cross.element_size() + fp8
+
+    def fp8_for(self, attn, written: bool = False):
+        """The e4m3 copy of the cache that `attn` reads (`attn.reads_fp8_cache`, its scale granularity
+        `attn.per`), made (and filled from kv) on first use, refreshed where kv was written without it; None for
+        a kernel that reads kv. `written`: the caller is about to write kv (a kernel without the copy marks it
+        stale)."""
+        if not getattr(attn, "reads_fp8_cache", False):
+            if written and self.fp8 is not None:
+                self.fp8.stale = True
+            return None
+        if self.fp8 is None or self.fp8.per != attn.per:
+            if torch.compiler.is_compiling():
+                raise RuntimeError("KVCache: make the FP8 copy (cache.fp8_for(attn)) before compiling the block")
+            from .fp8_kv_cache import Fp8KVCache
+
+            self.fp8 = Fp8KVCache(self, attn.per)
+            self.fp8.refresh_()
+        elif self.fp8.stale:
+            self.fp8.refresh_()
+        return self.fp8
 
     # phases
 
@@ -690,12 +726,13 @@ class KVCache:
         n = self.tokens_per_frame
         shift = self.frames_per_block * n
         dst0, src0, end = self.sink_frames * n, (self.sink_frames + self.frames_per_block) * n, self.max_tokens
-        kv = self.kv.flatten(0, 2)  # [L*2*B, T, H, D]: one copy per chunk for everything
-        pos = 0
-        while pos < end - src0:
-            c = min(shift, end - src0 - pos)
-            kv[:, dst0 + pos:dst0 + pos + c].copy_(kv[:, src0 + pos:src0 + pos + c])
-            pos += c
+        for buf in (self.kv,) if self.fp8 is None else (self.kv, self.fp8.kv8):  # the e4m3 copy moves alike
+            kv = buf.flatten(0, 2)  # [L*2*B, T, H, D]: one copy per chunk for everything
+            pos = 0
+            while pos < end - src0:
+                c = min(shift, end - src0 - pos)
+                kv[:, dst0 + pos:dst0 + pos + c].copy_(kv[:, src0 + pos:src0 + pos + c])
+                pos += c
         self.frame_offset.add_(self.frames_per_block)
         self.roll_latents_()
 
@@ -714,6 +751,8 @@ class KVCache:
         self.frame_offset.zero_()
         self.kv.zero_()
         self.latents.zero_()
+        if self.fp8 is not None:
+            self.fp8.reset_()
 
 
 # ------------------------------------------------------------------------------------------------ sampler

@@ -252,23 +252,28 @@ def test_dit_stream_with_fa3_tracks_sdpa_and_replays_in_a_graph(path):
     noise = torch.randn(4, 1, cfg.in_dim, 2, 4, 6, device="cuda", dtype=torch.bfloat16, generator=g)
     phase = fast.phase_for_block(10)
     out = torch.zeros(1, cfg.out_dim, 2, 4, 6, device="cuda", dtype=torch.bfloat16)
-    saved = [t.clone() for t in (fast.cache.kv, fast.cache.latents, fast.cache.frame_offset)]
+    # the cache's state, with fa3_fp8 its e4m3 copy too (models/fp8_kv_cache.py)
+    state = [fast.cache.kv, fast.cache.latents, fast.cache.frame_offset]
+    if fast.cache.fp8 is not None:
+        state += [fast.cache.fp8.kv8, fast.cache.fp8.descale]
+    assert (fast.cache.fp8 is not None) == (path == "fa3_fp8")
+    saved = [t.clone() for t in state]
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         fast.generate_block(noise, None, phase, out=out)
     torch.cuda.current_stream().wait_stream(s)
-    for t, v in zip((fast.cache.kv, fast.cache.latents, fast.cache.frame_offset), saved):
+    for t, v in zip(state, saved):
         t.copy_(v)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fast.generate_block(noise, None, phase, out=out)
-    for t, v in zip((fast.cache.kv, fast.cache.latents, fast.cache.frame_offset), saved):
+    for t, v in zip(state, saved):
         t.copy_(v)
     graph.replay()
     torch.cuda.synchronize()
     replayed = out.clone()
-    for t, v in zip((fast.cache.kv, fast.cache.latents, fast.cache.frame_offset), saved):
+    for t, v in zip(state, saved):
         t.copy_(v)
     eager = fast.generate_block(noise, None, phase).to(torch.bfloat16)
     torch.testing.assert_close(replayed, eager)

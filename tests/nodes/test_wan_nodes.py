@@ -485,3 +485,20 @@ def test_attention_param_resolves_and_fa3_off_hopper_fails_the_load(write_graph)
     with pytest.raises(GraphError) as err:
         load_plan(write_graph(tiny_text(**{sizes: f"{sizes} attention: sage,"})))
     assert "attention" in str(err.value)
+
+
+def test_an_fp8_kernel_gets_its_e4m3_cache_copy_at_once_and_another_kernel_drops_it(write_graph, monkeypatch):
+    from reactor_graph.models import attention as A
+
+    plan = load_plan(write_graph(TINY))
+    engine = Engine(plan, device="cpu").load()
+    dit = engine.nodes["dit"]
+    assert dit.cache.fp8 is None
+    # fa3_fp8 cannot run on a CPU; its torch reference reads the same copy
+    monkeypatch.setattr(A, "resolve_attention", lambda choice, device: choice)
+    monkeypatch.setattr(A, "make_attention", lambda path, per="head": A.Fp8ReferenceAttention(per))
+    dit.set_attention("fa3_fp8")
+    assert dit.cache.fp8 is not None and dit.cache.fp8.per == dit.params.fp8_scale
+    monkeypatch.undo()
+    dit.set_attention("sdpa")
+    assert dit.cache.fp8 is None

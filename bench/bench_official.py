@@ -27,6 +27,8 @@ Modes (`--modes`, in this order whatever the order given)
     ours_rolling       as ours_cudagraph in OUR endless stream's rolling phase (the cache rolled in place before
                        the block, which takes the same last slot): no official counterpart (their inference stops
                        at the 21-frame clip); run last, it moves our cache away from theirs
+    ours_fast          as ours_cudagraph on the fast path: self-attention fa3_fp8 on the e4m3 cache copy, the block
+                       linears in FP8 (models/fp8_linear.py); after every other mode, since it converts our model
 Each mode: `--warmup` blocks, then `--blocks` timed blocks (CUDA events, synchronised after each block); p50/min/max.
 
 Agreement (same noise, timesteps, text features, cache): relative L2 of ours against theirs for the first step's
@@ -52,7 +54,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-MODES = ("official_eager", "ours_eager", "ours_cudagraph", "official_compile", "ours_graph", "ours_rolling")
+MODES = ("official_eager", "ours_eager", "ours_cudagraph", "official_compile", "ours_graph", "ours_rolling", "ours_fast")
 T0 = time.perf_counter()
 
 
@@ -406,6 +408,21 @@ def main(argv=None) -> int:
             elif mode == "ours_eager":
                 r = b.time(b.ours_block, args.blocks, args.warmup)
                 ref = b.x_ours
+            elif mode == "ours_fast":  # the fast path (last: it converts our model for good)
+                if dev.type != "cuda":
+                    raise RuntimeError("needs CUDA")
+                from reactor_graph.models.attention import make_attention
+                from reactor_graph.models.fp8_linear import convert_linears_
+
+                b.ours.attn = make_attention("fa3_fp8")
+                b.cache.fp8_for(b.ours.attn)  # the e4m3 cache copy, from the prefix our model made
+                convert_linears_(b.ours)
+                b._regions = None  # compile the converted layers afresh
+                replay, graph, setup_s = b.captured(regional=True)
+                extra["compile_and_capture_s"] = setup_s
+                r = b.time(replay, args.blocks, 1)
+                del graph
+                ref = b.x_ours
             elif mode in ("ours_cudagraph", "ours_graph", "ours_rolling"):
                 rolling = b.cache.phases()[-1] if mode == "ours_rolling" else None
                 replay, graph, setup_s = b.captured(regional=mode != "ours_graph", phase=rolling)
@@ -445,7 +462,8 @@ def main(argv=None) -> int:
     ratios = {}
     for a, c in (("official_eager", "ours_eager"), ("official_eager", "ours_cudagraph"),
                  ("official_compile", "ours_cudagraph"), ("official_eager", "official_compile"),
-                 ("ours_eager", "ours_cudagraph"), ("official_eager", "ours_graph")):
+                 ("ours_eager", "ours_cudagraph"), ("official_eager", "ours_graph"), ("official_eager", "ours_fast"),
+                 ("official_compile", "ours_fast"), ("ours_cudagraph", "ours_fast")):
         if a in ms and c in ms:
             ratios[f"{a}/{c}"] = ms[a] / ms[c]
     report["ratios"] = ratios

@@ -13,7 +13,9 @@ Choices (the `attention` param of the `wan_causal_dit` node)
                             are read from an e4m3 copy of the KV cache (models/fp8_kv_cache.py: earlier blocks
                             quantised once, when written; each pass only the block's own k/v) and q is quantised
                             per call by a fused kernel (kernels/fp8_head_quant.py, power-of-two scales)
-    auto                    sdpa for now (AUTO_TAKES_FA3); later fa3 where it can run (fa3_fwd, sm90)
+    auto                    fa3 where it can run (fa3_fwd installed, sm90), else sdpa: the exact kernel that is
+                            fastest (H200, captured rolling stream: fa3 370 ms a block, sdpa 416, bench/RESULTS.md).
+                            fa3_fp8 is faster still but not exact, so it is asked for by name
 
 FP8 quantisation per call (`quantize_fp8`: the first version, what `Fa3Fp8Attention` does on plain q/k/v and
 `fp8_reference_attention` models; the DiT path uses the fused kernel and the cache copy above)
@@ -49,9 +51,9 @@ FP8_MAX = float(torch.finfo(FP8).max)  # 448
 _AMAX_FLOOR = 1e-12
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-# `auto` takes FA3 only once the engine's FA3 path (captured, in the rolling stream) has been measured on a GPU
-# against SDPA; until then FA3 is what a graph asks for by name (attention: fa3)
-AUTO_TAKES_FA3 = False
+# `auto` takes FA3 where it runs: the engine's captured FA3 stream was measured against SDPA on an H200 (1.12x, latent
+# rel L2 8e-4: bench/RESULTS.md, issue 22). False would make auto SDPA everywhere again.
+AUTO_TAKES_FA3 = True
 
 
 # ------------------------------------------------------------------------------------------- choosing

@@ -112,6 +112,12 @@ def test_auto_resolves_to_sdpa_off_hopper_and_fa3_is_refused_with_the_reason():
     assert A.make_attention("sdpa") is A.sdpa_attention and A.make_attention("math") is A.sdpa_attention
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(A.fa3_unavailable("cuda") is not None, reason="needs FA3 (fa3_fwd, Hopper)")
+def test_auto_takes_fa3_where_it_runs():
+    assert A.resolve_attention("auto", "cuda") == "fa3"
+
+
 def _tiny_gen(attn=None, layers=2, seed=0, device="cpu", dtype=torch.float32, head_dim=16):
     cfg = dataclasses.replace(WanConfig.tiny(), num_layers=layers, dim=4 * head_dim, num_heads=4)
     torch.manual_seed(seed)

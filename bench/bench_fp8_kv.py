@@ -23,32 +23,13 @@ import sys
 from pathlib import Path
 
 import torch
+from graph_timing import graph_ms  # bench/, on the path as the script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed(fn, reps: int, replays: int = 10) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()  # warm-up: Triton compiles outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ms = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ms.append(a.elapsed_time(b) / reps)
-    del g
-    return sorted(ms)[len(ms) // 2]
+    return graph_ms(fn, reps, replays)
 
 
 def main() -> int:

@@ -24,6 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from graph_timing import graph_ms  # noqa: E402
+
 T0 = time.perf_counter()
 
 
@@ -56,27 +59,7 @@ def timer(device):
             for _ in range(reps):
                 fn()
             return (time.perf_counter() - t) * 1000 / reps
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()  # warm-up: Triton compiles, cuBLAS picks its kernels
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(reps):
-                fn()
-        g.replay()
-        torch.cuda.synchronize()
-        out = []
-        for _ in range(replays):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b) / reps)
-        del g
-        return sorted(out)[len(out) // 2]
+        return graph_ms(fn, reps, replays)
 
     return ms
 

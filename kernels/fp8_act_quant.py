@@ -48,21 +48,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-try:  # the references must import where triton is missing
-    import triton
-    import triton.language as tl
-
-    _HAVE_TRITON = True
-except Exception:  # pragma: no cover - exercised only where triton is absent or broken
-    _HAVE_TRITON = False
-
-    class triton:  # noqa: N801 - stand-ins so the kernel definitions evaluate; never launched
-        @staticmethod
-        def jit(fn):
-            return fn
-
-    class tl:  # noqa: N801
-        constexpr = object
+from reactor_graph.kernels.triton_or_stub import HAVE_TRITON as _HAVE_TRITON, tl, triton  # stand-ins without Triton
 
 __all__ = ["FP8", "FP8_MAX", "AMAX_FLOOR", "modulate_quant", "layernorm_quant", "gelu_quant", "quantize_rows",
            "norm_quant", "act_quant", "norm_quant_reference", "act_quant_reference", "quantize_rows_reference",

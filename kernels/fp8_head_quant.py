@@ -34,21 +34,7 @@ import contextlib
 
 import torch
 
-try:  # guarded: the torch references must import where triton is missing
-    import triton
-    import triton.language as tl
-
-    _HAVE_TRITON = True
-except Exception:  # pragma: no cover - only where triton is absent or broken
-    _HAVE_TRITON = False
-
-    class triton:  # noqa: N801 - stand-ins so the kernel definitions evaluate; never launched
-        @staticmethod
-        def jit(fn):
-            return fn
-
-    class tl:  # noqa: N801
-        constexpr = object
+from reactor_graph.kernels.triton_or_stub import HAVE_TRITON as _HAVE_TRITON, tl, triton  # stand-ins without Triton
 
 __all__ = ["E4M3", "E4M3_MAX", "MAX_EXP", "head_amax_partials", "descales_from_partials", "quantize_into",
            "quantize", "head_amax_reference", "descale_for_amax_reference", "quantize_reference",

@@ -82,7 +82,7 @@ def blocks_to_show(got: list[fa.Frame], b: int, new: dict, changed: list[str], l
 
 
 def run(weights: Path, seconds: int, out_dir: Path, prompts=PROMPTS, switch_seconds: int = 40,
-        every_s: int = 5, threads: int = 1) -> dict:
+        every_s: int = 5, threads: int = 1, graph: Path = ROOT / "graphs" / "demo.yaml") -> dict:
     import torch
 
     from reactor_graph.loop import Engine
@@ -90,7 +90,7 @@ def run(weights: Path, seconds: int, out_dir: Path, prompts=PROMPTS, switch_seco
 
     torch.set_num_threads(threads)  # 1: on a shared 2-core machine, 2 threads can stall on each other
     acc = fa.accuracy(clips=100)
-    graph = data.graph_with_weights(ROOT / "graphs" / "demo.yaml", weights, out_dir / "bench_demo_graph.yaml")
+    graph = data.graph_with_weights(graph, weights, out_dir / "bench_demo_graph.yaml")
     engine = Engine(load_plan(graph), device="cpu", compile="eager").load()
     data.run_prompt(engine, PROMPTS[0], 4)  # warm
     res: dict = {"weights": str(weights), "analyser_accuracy_on_ground_truth": acc, "prompts": [],
@@ -154,11 +154,13 @@ def main() -> int:
     ap.add_argument("--weights", type=Path, default=ROOT / "graphs" / "demo_weights.safetensors")
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
+    ap.add_argument("--graph", type=Path, default=ROOT / "graphs" / "demo.yaml",
+                    help="the graph the weights go with (its sizes and node params)")
     args = ap.parse_args()
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        res = run(args.weights, args.seconds, Path(tmp), threads=args.threads)
+        res = run(args.weights, args.seconds, Path(tmp), threads=args.threads, graph=args.graph)
     res.update(seconds=args.seconds, threads=args.threads, date=time.strftime("%Y-%m-%d"))
     if args.out:
         args.out.write_text(json.dumps(res, indent=1))

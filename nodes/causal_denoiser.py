@@ -8,6 +8,13 @@ then rolls (oldest block dropped in place), so there are exactly cache_blocks + 
 Keys are cached before rotary position is applied; positions are applied at read time from each slot's
 place in the window, so rolling the cache keeps positions consistent.
 
+`positions` says where a token is. `learnt` (the first demo weights): time in rotary positions, the place in
+the frame a learnt embedding added to each token. `torus`: all of it rotary, and the place in the frame on
+frequencies that are whole turns across the token grid, so attention sees only offsets taken round the frame.
+The demo's frame is a torus (a shape that leaves one edge comes back at the other); with `torus` a shape
+across the edge is the same pattern to the model as one in the middle, instead of something to learn anew at
+every position (the learnt embedding broke shapes at the edges: bench/RESULTS.md, issue 17).
+
 Video-to-video (SDEdit): with the optional `input` latents bound, each block starts from the input noised to
 the first step's level, x = (1 - sigma_0) * input + sigma_0 * noise, and runs the few-step schedule from there.
 `strength` scales the schedule's (unshifted) noise grid, so the first step sits at
@@ -24,6 +31,7 @@ computes what the Python floats did.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,20 +56,54 @@ def flow_sigmas(steps: int, shift: float, strength: float = 1.0) -> list[float]:
     return [shift * x / (1 + (shift - 1) * x) for x in s]
 
 
+POSITIONS = ("learnt", "torus")
+
+
 def rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding over the last dim. x: [B, H, N, d], pos: [N] (frame index, float)."""
-    d = x.shape[-1] // 2
-    freqs = 1.0 / (100.0 ** (torch.arange(d, device=x.device, dtype=torch.float32) / d))
-    ang = pos.float()[:, None] * freqs[None]  # [N, d]
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    """Rotary embedding of the frame index over the last dim. x: [B, H, N, d], pos: [N] (frame index)."""
+    return Rotary(x.shape[-1])(x, pos)
+
+
+class Rotary:
+    """Rotary positions of a sequence of whole frames (tokens frame-major, each frame in patchify order).
+
+    Without a grid: the frame index on every frequency (`rope`). With a grid (gh, gw): half the frequencies
+    carry the frame index, a quarter the token's row and a quarter its column, on frequencies of k whole
+    turns per grid height/width (k = 1, 2, ...), so a score depends on the row/column offset modulo the grid:
+    the attention of a frame rolled round by whole tokens is the attention of the frame, rolled."""
+
+    def __init__(self, head_dim: int, grid: tuple[int, int] | None = None):
+        self.pairs, self.grid = head_dim // 2, grid
+
+    def angles(self, pos: torch.Tensor) -> torch.Tensor:  # pos: [N] frame index -> [N, pairs]
+        dev = pos.device
+        if self.grid is None:
+            freqs = 1.0 / (100.0 ** (torch.arange(self.pairs, device=dev, dtype=torch.float32) / self.pairs))
+            return pos.float()[:, None] * freqs[None]
+        gh, gw = self.grid
+        pt = self.pairs // 2
+        py = (self.pairs - pt) // 2
+        px = self.pairs - pt - py
+        ft = 1.0 / (100.0 ** (torch.arange(pt, device=dev, dtype=torch.float32) / pt))
+        fy = 2 * math.pi * torch.arange(1, py + 1, device=dev, dtype=torch.float32) / gh
+        fx = 2 * math.pi * torch.arange(1, px + 1, device=dev, dtype=torch.float32) / gw
+        cell = torch.arange(pos.shape[0], device=dev) % (gh * gw)
+        row, col = (cell // gw).float(), (cell % gw).float()
+        return torch.cat([pos.float()[:, None] * ft, row[:, None] * fy, col[:, None] * fx], dim=1)
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # x: [B, H, N, d]
+        ang = self.angles(pos)
+        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+        d = self.pairs
+        x1, x2 = x[..., :d], x[..., d:]
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, text_dim: int):
+    def __init__(self, dim: int, heads: int, text_dim: int, rotary: Rotary | None = None):
         super().__init__()
         self.heads = heads
+        self.rotary = rotary or Rotary(dim // heads)
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -82,12 +124,13 @@ class Block(nn.Module):
         sh1, sc1, g1, sh2, sc2, g2 = self.modulation(temb).unsqueeze(1).chunk(6, dim=-1)
         h = self.norm1(x) * (1 + sc1) + sh1
         q, k, v = (self.split(t) for t in self.qkv(h).chunk(3, dim=-1))
-        q_r = rope(q, pos)
+        rot = self.rotary
+        q_r = rot(q, pos)
         if cache_k is not None:
-            k_all = torch.cat([rope(cache_k, cache_pos), rope(k, pos)], dim=2)
+            k_all = torch.cat([rot(cache_k, cache_pos), rot(k, pos)], dim=2)
             v_all = torch.cat([cache_v, v], dim=2)
         else:
-            k_all, v_all = rope(k, pos), v
+            k_all, v_all = rot(k, pos), v
         a = F.scaled_dot_product_attention(q_r, k_all, v_all)
         x = x + g1 * self.proj(a.transpose(1, 2).flatten(2))
         tk, tv = self.cross_kv(text).chunk(2, dim=-1)
@@ -98,21 +141,31 @@ class Block(nn.Module):
 
 
 class CausalDiT(nn.Module):
-    """Tokens are 2x2 (patch) latent patches of each frame; time is in rotary positions (frame index)."""
+    """Tokens are 2x2 (patch) latent patches of each frame; time is in rotary positions (frame index), the place
+    in the frame in a learnt embedding (`positions="learnt"`) or in rotary positions round the torus ("torus")."""
 
     def __init__(self, channels: int, frames: int, size: tuple[int, int], patch: int, dim: int, layers: int,
-                 heads: int, text_dim: int):
+                 heads: int, text_dim: int, positions: str = "learnt"):
         super().__init__()
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
         self.channels, self.frames, self.size, self.patch = channels, frames, size, patch
         self.gh, self.gw = size[0] // patch, size[1] // patch
         self.tokens_per_frame = self.gh * self.gw
+        self.positions = positions
         self.embed = nn.Linear(channels * patch * patch, dim)
-        self.spatial = nn.Parameter(torch.randn(self.tokens_per_frame, dim) * 0.02)
+        if positions == "learnt":
+            self.spatial = nn.Parameter(torch.randn(self.tokens_per_frame, dim) * 0.02)
+        self.rotary = Rotary(dim // heads, (self.gh, self.gw) if positions == "torus" else None)
         self.t_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.blocks = nn.ModuleList(Block(dim, heads, text_dim) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(dim, heads, text_dim, self.rotary) for _ in range(layers))
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False)
         self.out = nn.Linear(dim, channels * patch * patch)
         self.dim = dim
+
+    def tokens(self, x):  # [B, C, T, h, w] -> [B, T*gh*gw, D], with the learnt place when there is one
+        h = self.embed(self.patchify(x))
+        return h + self.spatial.repeat(self.frames, 1) if self.positions == "learnt" else h
 
     def patchify(self, x):  # [B, C, T, h, w] -> [B, T*gh*gw, C*p*p]
         b, c, t, _, _ = x.shape
@@ -140,7 +193,7 @@ class CausalDiT(nn.Module):
         """x: [B, C, T, h, w]; text: [B, L, Dt]; cache_k/v: [layers, B, H, M, d] with n_cached valid tokens.
 
         Returns (flow prediction like x, per-layer k [layers, B, H, N, d], v)."""
-        h = self.embed(self.patchify(x)) + self.spatial.repeat(self.frames, 1)
+        h = self.tokens(x)
         temb = self.time_embedding(sigma)
         pos = self.frame_positions(first_frame, x.device)
         cache_pos = torch.arange(n_cached, device=x.device) // self.tokens_per_frame
@@ -173,6 +226,10 @@ class CausalDenoiser(Node):
         steps: int = Field(4, ge=1, le=50, description="denoising steps per block")
         shift: float = Field(3.0, gt=0, description="noise schedule shift")
         cache_blocks: int = Field(3, ge=1, description="earlier blocks kept in the KV cache")
+        positions: Literal["learnt", "torus"] = Field(
+            "learnt", description="where a token is in the frame: `learnt` (an embedding per place, the first "
+                                  "demo weights) or `torus` (rotary, taken round the frame's edges: for frames "
+                                  "whose content wraps round, as the demo's does)")
         strength: float = Field(1.0, gt=0, le=1, description="with `input` bound (SDEdit): how far the input "
                                                              "is noised; 1 = pure noise, small = close to it")
         weights: str | None = None
@@ -210,7 +267,7 @@ class CausalDenoiser(Node):
         p = self.params
         torch.manual_seed(self.graph.seed + 2)
         self.model = CausalDiT(p.latent_channels, p.frames_per_block, p.latent_size, p.patch, p.dim, p.layers,
-                               p.heads, p.text_dim)
+                               p.heads, p.text_dim, p.positions)
         if p.weights:
             load_into(self.model, p.weights, self.graph.root, p.weights_prefix)
         self.model.to(device=device, dtype=dtype).eval()

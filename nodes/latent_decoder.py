@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,16 +14,17 @@ from reactor_graph.weights import load_into
 
 
 class TinyDecoder(nn.Module):
-    def __init__(self, channels: int, width: int, upsample: int):
+    def __init__(self, channels: int, width: int, upsample: int, padding: str = "zeros"):
         super().__init__()
         stages = int(math.log2(upsample))
-        layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), nn.SiLU()]
+        conv = partial(nn.Conv2d, kernel_size=3, padding=1, padding_mode=padding)
+        layers: list[nn.Module] = [conv(channels, width), nn.SiLU()]
         w = width
         for _ in range(stages):
             w_next = max(w // 2, 16)
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w, w_next, 3, padding=1), nn.SiLU()]
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), conv(w, w_next), nn.SiLU()]
             w = w_next
-        layers += [nn.Conv2d(w, 3, 3, padding=1)]
+        layers += [conv(w, 3)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # [B, C, h, w] -> [B, 3, H, W] in [-1, 1]
@@ -38,6 +41,9 @@ class LatentDecoder(Node):
         latent_channels: int = Field(4, ge=1)
         width: int = Field(64, ge=8, description="channels of the first conv stage")
         upsample: int = Field(8, description="spatial factor, a power of two")
+        padding: Literal["zeros", "circular"] = Field(
+            "zeros", description="what the convolutions see past the frame's edge: `zeros`, or `circular` (the "
+                                 "other edge: for frames whose content wraps round, as the demo's does)")
         weights: str | None = None
         weights_prefix: str = ""
 
@@ -59,7 +65,7 @@ class LatentDecoder(Node):
         super().load(device, dtype)
         p = self.params
         torch.manual_seed(self.graph.seed + 3)
-        self.model = TinyDecoder(p.latent_channels, p.width, p.upsample)
+        self.model = TinyDecoder(p.latent_channels, p.width, p.upsample, p.padding)
         if p.weights:
             load_into(self.model, p.weights, self.graph.root, p.weights_prefix)
         self.model.to(device=device, dtype=dtype).eval()

@@ -153,7 +153,7 @@ nodes:
   denoise:
     type: causal_denoiser
     params: {latent_channels: 4, frames_per_block: 2, latent_size: [4, 4], dim: 32, layers: 2, heads: 2,
-             text_dim: 16, steps: 1, cache_blocks: CACHE}
+             text_dim: 16, steps: 1, cache_blocks: CACHE, positions: POSITIONS}
     in: {cond: cond.embeds, noise: noise.noise}
   decode:
     type: latent_decoder
@@ -165,15 +165,17 @@ nodes:
 """
 
 
-@pytest.mark.parametrize("cache_blocks", [1, 2, 3])
-def test_teacher_forcing_gives_what_the_node_computes_block_by_block(write_graph, cache_blocks):
+@pytest.mark.parametrize("cache_blocks, positions", [(1, "learnt"), (2, "learnt"), (3, "learnt"), (2, "torus"),
+                                                     (3, "torus")])
+def test_teacher_forcing_gives_what_the_node_computes_block_by_block(write_graph, cache_blocks, positions):
     """The training forward (all blocks at once under a block mask) against CausalDenoiser.generate driven
     block by block through its rolling KV cache, with a prompt that changes between blocks."""
     from reactor_graph.plan import load_plan
 
     train = _tool("train_demo")
     torch.manual_seed(0)
-    node = load_plan(write_graph(SMALL.replace("CACHE", str(cache_blocks)))).nodes["denoise"]
+    graph = SMALL.replace("CACHE", str(cache_blocks)).replace("POSITIONS", positions)
+    node = load_plan(write_graph(graph)).nodes["denoise"]
     node.load(torch.device("cpu"), torch.float32)
     node.reset()
     blocks, noisy, clean, flows, sigmas, texts = 6, [], [], [], [], []

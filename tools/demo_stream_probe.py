@@ -142,6 +142,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--bench-prompts", action="store_true", help="the bench's prompts and switches instead")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--graph", type=Path, default=ROOT / "graphs" / "demo.yaml",
+                    help="the graph the weights go with (its sizes and node params)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     import train_demo as td
@@ -149,7 +151,7 @@ def main() -> int:
 
     from reactor_graph.nodes.text_encoder import WordTokenizer
 
-    cfg = td.graph_config(ROOT / "graphs" / "demo.yaml")
+    cfg = td.graph_config(args.graph)
     text, dit, dec = td.build_models(cfg)
     sd = load_file(str(args.weights))
     for prefix, m in (("text.", text), ("dit.", dit), ("decoder.", dec)):

@@ -39,6 +39,7 @@ import random
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -48,7 +49,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo_data as data  # noqa: E402
 
-from reactor_graph.nodes.causal_denoiser import CausalDiT, flow_sigmas, rope  # noqa: E402
+from reactor_graph.nodes.causal_denoiser import CausalDiT, flow_sigmas  # noqa: E402
 from reactor_graph.nodes.latent_decoder import TinyDecoder  # noqa: E402
 from reactor_graph.nodes.text_encoder import TextEncoderModel, WordTokenizer  # noqa: E402
 
@@ -80,9 +81,9 @@ def graph_config(path: Path) -> dict:
         "size": size, "fps": plan.info.fps,
         "text": dict(vocab_size=t.vocab_size, dim=t.dim, max_tokens=t.max_tokens, layers=t.layers, heads=t.heads),
         "dit": dict(channels=d.latent_channels, frames=d.frames_per_block, size=tuple(d.latent_size), patch=d.patch,
-                    dim=d.dim, layers=d.layers, heads=d.heads, text_dim=d.text_dim),
+                    dim=d.dim, layers=d.layers, heads=d.heads, text_dim=d.text_dim, positions=d.positions),
         "steps": d.steps, "shift": d.shift, "cache_blocks": d.cache_blocks,
-        "decoder": dict(channels=v.latent_channels, width=v.width, upsample=v.upsample),
+        "decoder": dict(channels=v.latent_channels, width=v.width, upsample=v.upsample, padding=v.padding),
     }
 
 
@@ -120,14 +121,15 @@ class RunningNorm(nn.Module):
 class Encoder(nn.Module):
     """Frames [B, 3, H, W] in [-1, 1] -> latents [B, C, H/u, W/u], normalised per channel (training only)."""
 
-    def __init__(self, channels: int, width: int, downsample: int, norm: bool = True):
+    def __init__(self, channels: int, width: int, downsample: int, norm: bool = True, padding: str = "zeros"):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(3, 32, 3, padding=1), nn.SiLU()]
+        conv = partial(nn.Conv2d, padding=1, padding_mode=padding)  # the decoder's padding, so both see a torus
+        layers: list[nn.Module] = [conv(3, 32, 3), nn.SiLU()]
         w = 32
         for _ in range(int(math.log2(downsample))):
-            layers += [nn.Conv2d(w, width, 4, stride=2, padding=1), nn.SiLU()]
+            layers += [conv(w, width, 4, stride=2), nn.SiLU()]
             w = width
-        layers += [nn.Conv2d(w, w, 3, padding=1), nn.SiLU(), nn.Conv2d(w, channels, 3, padding=1)]
+        layers += [conv(w, w, 3), nn.SiLU(), conv(w, channels, 3)]
         if norm:
             layers.append(RunningNorm(channels))
         self.net = nn.Sequential(*layers)
@@ -141,14 +143,15 @@ def build_models(cfg: dict):
                             cfg["text"]["layers"], cfg["text"]["heads"])
     dc = cfg["dit"]
     dit = CausalDiT(dc["channels"], dc["frames"], dc["size"], dc["patch"], dc["dim"], dc["layers"], dc["heads"],
-                    dc["text_dim"])
+                    dc["text_dim"], dc.get("positions", "learnt"))
     # adaLN-zero: every residual branch starts closed and the output at zero, as DiT trains.
     for blk in dit.blocks:
         nn.init.zeros_(blk.modulation.weight)
         nn.init.zeros_(blk.modulation.bias)
     nn.init.zeros_(dit.out.weight)
     nn.init.zeros_(dit.out.bias)
-    dec = TinyDecoder(cfg["decoder"]["channels"], cfg["decoder"]["width"], cfg["decoder"]["upsample"])
+    dec = TinyDecoder(cfg["decoder"]["channels"], cfg["decoder"]["width"], cfg["decoder"]["upsample"],
+                      cfg["decoder"].get("padding", "zeros"))
     return text, dit, dec
 
 
@@ -173,7 +176,7 @@ def _block_forward(blk, x, temb, text, pos, mask, b: int, s: int, n: int):
     x4 = x.view(b, s, n, d)
     h = (blk.norm1(x4) * (1 + sc1) + sh1).view(b, s * n, d)
     q, k, v = (blk.split(t) for t in blk.qkv(h).chunk(3, dim=-1))
-    a = F.scaled_dot_product_attention(rope(q, pos), rope(k, pos), v, attn_mask=mask)
+    a = F.scaled_dot_product_attention(blk.rotary(q, pos), blk.rotary(k, pos), v, attn_mask=mask)
     x4 = x4 + g1 * blk.proj(a.transpose(1, 2).flatten(2)).view(b, s, n, d)
     xs = x4.reshape(b * s, n, d)
     tk, tv = blk.cross_kv(text).chunk(2, dim=-1)
@@ -192,7 +195,7 @@ def teacher_forced(dit: CausalDiT, clean: torch.Tensor, noisy: torch.Tensor, sig
     b, k = sigma.shape
     s, n, dim = 2 * k, dit.frames * dit.tokens_per_frame, dit.dim
     x = torch.cat([clean, noisy], dim=1).flatten(0, 1)  # [B*S, C, T, h, w]
-    h = (dit.embed(dit.patchify(x)) + dit.spatial.repeat(dit.frames, 1)).view(b, s * n, dim)
+    h = dit.tokens(x).view(b, s * n, dim)
     sig = torch.cat([torch.zeros_like(sigma), sigma], dim=1)  # the clean pass runs at sigma 0
     temb = dit.time_embedding(sig.flatten()).view(b, s, dim)
     txt = torch.cat([text, text], dim=1).flatten(0, 1)  # [B*S, L, Dt]
@@ -265,10 +268,10 @@ def _pool_block(blk, x, temb, text, pos, ck_r, cv, mask):
     h = blk.norm1(x) * (1 + sc1) + sh1
     q, k, v = (blk.split(t) for t in blk.qkv(h).chunk(3, dim=-1))
     if ck_r is not None:
-        k_all, v_all = torch.cat([ck_r.to(k.dtype), rope(k, pos)], dim=2), torch.cat([cv.to(v.dtype), v], dim=2)
-        a = F.scaled_dot_product_attention(rope(q, pos), k_all, v_all, attn_mask=mask)
+        k_all, v_all = torch.cat([ck_r.to(k.dtype), blk.rotary(k, pos)], dim=2), torch.cat([cv.to(v.dtype), v], dim=2)
+        a = F.scaled_dot_product_attention(blk.rotary(q, pos), k_all, v_all, attn_mask=mask)
     else:
-        a = F.scaled_dot_product_attention(rope(q, pos), rope(k, pos), v)
+        a = F.scaled_dot_product_attention(blk.rotary(q, pos), blk.rotary(k, pos), v)
     x = x + g1 * blk.proj(a.transpose(1, 2).flatten(2))
     tk, tv = blk.cross_kv(text).chunk(2, dim=-1)
     a = F.scaled_dot_product_attention(blk.split(blk.cross_q(blk.norm2(x))), blk.split(tk), blk.split(tv))
@@ -304,14 +307,14 @@ class PoolCache:
         if self.k is None or self.ctx == 0 or not bool((self.valid > 0).any()):
             self._ck_r = None  # no session has context: self-attention only
             return
-        self._ck_r = [rope(self.k[i], self.cache_pos) for i in range(self.k.shape[0])]
+        self._ck_r = [self.dit.rotary(self.k[i], self.cache_pos) for i in range(self.k.shape[0])]
         ok = self.slot[None] >= (self.ctx - self.valid)[:, None]  # [B, M]
         ok = torch.cat([ok, torch.ones(self.b, self.n, dtype=torch.bool, device=ok.device)], dim=1)
         self._mask = ok[:, None, None, :]
 
     def forward(self, x, sigma, text):
         dit = self.dit
-        h = dit.embed(dit.patchify(x)) + dit.spatial.repeat(dit.frames, 1)
+        h = dit.tokens(x)
         temb = dit.time_embedding(sigma)
         ks, vs = [], []
         for i, blk in enumerate(dit.blocks):
@@ -546,7 +549,7 @@ def autocast(device: torch.device):
 
 def train_autoencoder(cfg, st: Settings, device, budget_s: float, log: dict):
     dcfg = cfg["decoder"]
-    enc = Encoder(dcfg["channels"], 64, dcfg["upsample"]).to(device)
+    enc = Encoder(dcfg["channels"], 64, dcfg["upsample"], padding=dcfg.get("padding", "zeros")).to(device)
     _, _, dec = build_models(cfg)
     dec.to(device)
     params = list(enc.parameters()) + list(dec.parameters())
@@ -1104,7 +1107,7 @@ def fit_encoder(cfg, st: Settings, device, budget_s: float, weights: Path, log: 
             own.append(x.float().transpose(1, 2).flatten(0, 1))  # [nb*T, C, h, w]
         own = torch.cat(own)
         own_img = dec(own).float().clamp(-1, 1)
-    enc = Encoder(dcfg["channels"], 64, dcfg["upsample"], norm=False).to(device)
+    enc = Encoder(dcfg["channels"], 64, dcfg["upsample"], norm=False, padding=dcfg.get("padding", "zeros")).to(device)
     opt = torch.optim.AdamW(enc.parameters(), lr=st.ae_lr, weight_decay=0.0)
     plan = StepPlan(st.ae_max_steps, budget_s, st.fixed_steps, "encoder")
     t_start, step = time.perf_counter(), 0
@@ -1369,7 +1372,8 @@ def main(argv=None) -> int:
             "config": cfg, "prefixes": {"text_encoder": "text.", "causal_denoiser": "dit.", "latent_decoder": "decoder."}}
 
     if args.init_from and args.enc_from:  # an encoder fitted to this decoder already
-        enc = Encoder(cfg["decoder"]["channels"], 64, cfg["decoder"]["upsample"], norm=False)
+        enc = Encoder(cfg["decoder"]["channels"], 64, cfg["decoder"]["upsample"], norm=False,
+                      padding=cfg["decoder"]["padding"])
         _, _, dec = build_models(cfg)
         ae = torch.load(args.enc_from, map_location="cpu", weights_only=True)
         enc.load_state_dict(ae["encoder"])
@@ -1393,7 +1397,7 @@ def main(argv=None) -> int:
             say(f"wrote {args.out / 'autoencoder.pt'}")
             return 0
     elif args.ae_from:  # stage 1 done already (e.g. in an earlier run): all the budget goes to stage 2
-        enc = Encoder(cfg["decoder"]["channels"], 64, cfg["decoder"]["upsample"])
+        enc = Encoder(cfg["decoder"]["channels"], 64, cfg["decoder"]["upsample"], padding=cfg["decoder"]["padding"])
         _, _, dec = build_models(cfg)
         ae = torch.load(args.ae_from, map_location="cpu", weights_only=True)
         enc.load_state_dict(ae["encoder"])
